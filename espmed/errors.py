@@ -1,0 +1,32 @@
+"""Typed errors. The CLI prints any `EspmedError` as one line and exits non-zero.
+
+Torch-free so that the device runtime can raise and catch them.
+"""
+
+
+class EspmedError(Exception):
+    """Base class: a problem with the user's input, files or environment (not a bug)."""
+
+
+class CheckpointError(EspmedError):
+    """A checkpoint is missing, unreadable, tampered with or does not match the model."""
+
+
+class ModalityError(EspmedError, ValueError):
+    """An unknown modality, or one the model has no controller for."""
+
+
+class ImageReadError(EspmedError):
+    """An input image/volume cannot be read or is not a usable image."""
+
+
+class ArtifactError(EspmedError):
+    """An exported artifact is missing, corrupt, mismatched or cannot run here."""
+
+
+class ExportError(EspmedError):
+    """An export failed (including an INT8 accuracy gate that could not be met)."""
+
+
+class BackendUnavailableError(EspmedError):
+    """A backend's library or hardware is not present on this machine."""

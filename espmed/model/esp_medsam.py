@@ -1,0 +1,135 @@
+"""ESP-MedSAM: TinyViT trunk with modality controllers -> neck -> SPPG -> QDMD."""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModalityError
+from .config import ModelConfig
+from .controller import ControllerBank
+from .decoder import QueryDecoupledModalityDecoder
+from .neck import Neck
+from .sppg import SelfPatchPromptGenerator
+from .tiny_vit import TinyViTTrunk
+
+Modality = int | str | Sequence[int | str] | torch.Tensor
+
+
+class SegmentationOutput(NamedTuple):
+    masks: torch.Tensor  # (B, 1, H, W) mask logits at the input size
+    patch_logits: torch.Tensor  # (B, 1, H/32, W/32) SPPG patch logits
+    embeddings: torch.Tensor  # (B, D, H/16, W/16) image embedding (neck output)
+    lowres_masks: torch.Tensor  # (B, 1, H/4, W/4) decoder mask logits before upsampling
+
+
+class ESPMedSAM(nn.Module):
+    """The whole network. `forward(images, modality)` takes normalised B x 3 x H x W images."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.trunk = TinyViTTrunk(
+            c.in_chans,
+            c.embed_dims,
+            c.depths,
+            c.num_heads,
+            c.window_sizes,
+            c.mlp_ratio,
+            c.mbconv_expand_ratio,
+            c.merge_strides,
+            c.num_controllers,
+        )
+        self.neck = Neck(c.embed_dims[-1], c.prompt_dim)
+        self.sppg = SelfPatchPromptGenerator(c.prompt_dim, c.sppg_hidden)
+        self.decoder = QueryDecoupledModalityDecoder(
+            c.prompt_dim,
+            c.decoder_depth,
+            c.decoder_heads,
+            c.decoder_mlp_dim,
+            c.attention_downsample_rate,
+            c.num_queries,
+            c.upscale_dims,
+            1 if c.shared_hypernetwork else len(c.modalities),
+        )
+
+    # -- modality handling -------------------------------------------------------------------
+    def _resolve(self, modality: Modality, batch: int) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+        """(controller, query, hypernetwork) indices: ints for a one-modality batch, else (B,) tensors."""
+        cfg = self.config
+        if isinstance(modality, (int, str)):
+            idx = cfg.modality_index(modality)
+            return self._controller_of(idx), idx, 0 if cfg.shared_hypernetwork else idx
+        if isinstance(modality, torch.Tensor):
+            if modality.dim() != 1 or modality.dtype not in (torch.int32, torch.int64):
+                raise ValueError("a modality tensor must be a 1-D integer tensor with one entry per image")
+            indices = [cfg.modality_index(int(m)) for m in modality.tolist()]
+        else:
+            indices = [cfg.modality_index(m) for m in modality]
+        if len(indices) != batch:
+            raise ValueError(f"got {len(indices)} modalities for a batch of {batch} images")
+        ctrl = [self._controller_of(i) for i in indices]
+        if len(set(indices)) == 1:
+            return ctrl[0], indices[0], 0 if cfg.shared_hypernetwork else indices[0]
+        dev = self.decoder.queries.weight.device
+        q = torch.tensor(indices, dtype=torch.long, device=dev)
+        hyper = 0 if cfg.shared_hypernetwork else q
+        return torch.tensor(ctrl, dtype=torch.long, device=dev), q, hyper
+
+    def _controller_of(self, idx: int) -> int:
+        ctrl = self.config.controller_map[idx]
+        if ctrl < 0:
+            have = [m for m, k in zip(self.config.modalities, self.config.controller_map) if k >= 0]
+            raise ModalityError(
+                f"this model has no modality controller for {self.config.modalities[idx]!r}; "
+                f"it has controllers for {', '.join(have)}"
+            )
+        return ctrl
+
+    @property
+    def available_modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, k in zip(self.config.modalities, self.config.controller_map) if k >= 0)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, modality: Modality) -> SegmentationOutput:
+        if images.dim() != 4 or images.shape[1] != self.config.in_chans:
+            raise ValueError(f"images must be B x {self.config.in_chans} x H x W, got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"image height and width must be multiples of 32, got {h} x {w}")
+        ctrl, query, hyper = self._resolve(modality, images.shape[0])
+        embeddings = self.neck(self.trunk(images, ctrl))
+        patch_logits, dense_prompt = self.sppg(embeddings)
+        lowres = self.decoder(embeddings, dense_prompt, query, hyper)
+        masks = F.interpolate(lowres, size=(h, w), mode="bilinear", align_corners=False)
+        return SegmentationOutput(masks, patch_logits, embeddings, lowres)
+
+    # -- structure ---------------------------------------------------------------------------
+    def specialize(self, modality: int | str) -> "ESPMedSAM":
+        """A copy that keeps only `modality`'s controller: what an exported graph bakes in."""
+        cfg = self.config
+        idx = cfg.modality_index(modality)
+        keep = self._controller_of(idx)
+        new_map = tuple(0 if i == idx else -1 for i in range(len(cfg.modalities)))
+        model = copy.deepcopy(self)
+        model.config = cfg.with_(controller_map=new_map)
+        for bank in model.controller_banks():
+            bank.slots = nn.ModuleList([bank.slots[keep]])
+        return model
+
+    def controller_banks(self) -> list[ControllerBank]:
+        return [m for m in self.trunk.modules() if isinstance(m, ControllerBank)]
+
+    def controller_parameters(self, controller: int) -> list[nn.Parameter]:
+        """Parameters of one modality controller across all blocks."""
+        return [p for bank in self.controller_banks() for p in bank.slots[controller].parameters()]
+
+    def trunk_shared_parameters(self) -> list[nn.Parameter]:
+        """Trunk parameters shared by every modality (controllers excluded)."""
+        ctrl = {id(p) for bank in self.controller_banks() for p in bank.parameters()}
+        return [p for p in self.trunk.parameters() if id(p) not in ctrl]

@@ -1,0 +1,1 @@
+"""espmed.runtimes: run exported artifacts with numpy + a backend (no torch)."""

@@ -1,0 +1,26 @@
+"""Shared fixtures. The release golden set lives in ../shared beside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ESPMED_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "reference" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN / "official_random_state_dict.pth").is_file():
+        pytest.skip(f"release golden set not found at {GOLDEN} (set ESPMED_SHARED to the shared/ folder)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    import torch
+
+    torch.set_num_threads(2)
