@@ -1,0 +1,86 @@
+"""Artifact metadata: everything a runtime needs to feed an exported graph and read its outputs.
+
+The same JSON object is embedded in every artifact (ONNX `metadata_props["espmed"]`, OpenVINO
+`rt_info["espmed"]`, the JSON header of a TensorRT engine file) and written into the manifest
+beside it, together with SHA-256 hashes of the artifact files. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from espmed.errors import ArtifactError
+
+METADATA_KEY = "espmed"
+SCHEMA = "espmed-artifact/1"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("lowres_masks", "patch_logits")
+
+
+@dataclass
+class ArtifactMetadata:
+    """Describes one exported graph. `batch` is a fixed batch size, or 0 for a dynamic batch."""
+
+    target: str  # e.g. "onnx", "openvino-int8", "trt-fp16"
+    backend: str  # "onnxruntime" | "openvino" | "tensorrt" | "torch"
+    precision: str  # "fp32" | "fp16" | "int8" (weights/compute of the graph)
+    modality: str
+    modality_index: int
+    modalities: list[str]
+    input_size: int
+    batch: int
+    preprocessing: dict[str, Any]  # espmed.model.config.Preprocessing.to_dict()
+    preset: str
+    espmed_version: str
+    source_checkpoint_sha256: str
+    input_name: str = INPUT_NAME
+    output_names: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
+    # outputs: lowres_masks (B, 1, S/4, S/4) mask logits; patch_logits (B, 1, S/32, S/32)
+    exporter: str = ""  # e.g. "torch.onnx dynamo" / "torch.onnx torchscript"
+    opset: int | None = None
+    simplifier: str = "none"
+    calibration: dict[str, Any] | None = None  # {"sha256": ..., "images": n, "source": ...}
+    float_layers: list[str] = field(default_factory=list)  # INT8: nodes kept in float
+    accuracy: dict[str, Any] | None = None  # INT8/FP16 gate results vs FP32
+    runtime_precision: str | None = None  # OpenVINO CPU inference precision pinned at run time
+    library_versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend specifics (e.g. TRT version, GPU)
+    schema: str = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "artifact") -> "ArtifactMetadata":
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{source}: metadata is not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ArtifactError(f"{source}: not an espmed artifact (metadata schema {data.get('schema') if isinstance(data, dict) else None!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            meta = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ArtifactError(f"{source}: incomplete espmed metadata ({exc})") from None
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str = "artifact") -> None:
+        if self.input_size <= 0 or self.input_size % 32:
+            raise ArtifactError(f"{source}: invalid input size {self.input_size} in metadata")
+        if self.batch < 0:
+            raise ArtifactError(f"{source}: invalid batch {self.batch} in metadata")
+        if self.modality not in self.modalities:
+            raise ArtifactError(f"{source}: modality {self.modality!r} not among {self.modalities}")
+        for key in ("mean", "std"):
+            v = self.preprocessing.get(key)
+            if not isinstance(v, (list, tuple)) or len(v) != 3:
+                raise ArtifactError(f"{source}: preprocessing.{key} must be 3 numbers")
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.batch == 0

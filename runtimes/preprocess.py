@@ -1,0 +1,137 @@
+"""Pre- and post-processing, defined once in numpy and used by every backend (torch included).
+
+Pre: any 2-D image -> RGB uint8 -> resize the longest side to the model size (PIL bilinear,
+antialiased) -> `(x - mean) / std` -> zero-pad right/bottom to size x size (after normalising,
+as SAM and the release do).
+
+Intensity scaling to RGB uint8 (documented contract):
+- uint8: used as is. bool: False/True -> 0/255.
+- any other integer or float image (16-bit, signed, float): linearly min-max scaled to 0..255
+  over the whole image (a constant image becomes 0). NaN/Inf are refused.
+- gray (H, W) / (H, W, 1) -> replicated to RGB; gray+alpha (H, W, 2) -> gray; RGBA -> RGB.
+
+Post: low-resolution logits (S/4 x S/4) -> bilinear to S x S -> crop the padding -> bilinear to the
+original H x W (half-pixel centres, as `F.interpolate(align_corners=False)`), done as one pair of
+interpolation matrices -> threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from espmed.errors import ImageReadError
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image sits inside the square model input."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    input_size: int
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a gray, gray+alpha, RGB or RGBA array of any numeric dtype."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] == 2:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
+        raise ImageReadError(f"expected a 2-D gray or RGB(A) image, got array of shape {a.shape}")
+    if a.shape[0] < 2 or a.shape[1] < 2:
+        raise ImageReadError(f"image too small: {a.shape[0]} x {a.shape[1]} pixels")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise ImageReadError(f"unsupported pixel type {a.dtype}")
+        f = a.astype(np.float64)
+        if not np.isfinite(f).all():
+            raise ImageReadError("image contains NaN or Inf values")
+        lo, hi = float(f.min()), float(f.max())
+        f = (f - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
+        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a)
+
+
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """Longest side -> `size`, aspect kept (SAM's ResizeLongestSide rounding)."""
+    scale = size / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def preprocess(
+    image: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[np.ndarray, Letterbox]:
+    """Model input (3, size, size) float32 and the letterbox needed to map outputs back."""
+    from PIL import Image
+
+    rgb = to_rgb_uint8(image)
+    h, w = rgb.shape[:2]
+    rh, rw = resized_shape(h, w, size)
+    if (rh, rw) != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.BILINEAR))
+    x = (rgb.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    out = np.zeros((3, size, size), np.float32)
+    out[:, :rh, :rw] = x.transpose(2, 0, 1)
+    return out, Letterbox((h, w), (rh, rw), size)
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out, in) matrix of 1-D bilinear interpolation, half-pixel centres, no antialiasing.
+
+    Matches `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` per axis.
+    """
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m
+
+
+@lru_cache(maxsize=64)
+def _restore_matrices(box: Letterbox, lowres_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    s = box.input_size
+    mats = []
+    for axis in (0, 1):
+        up = bilinear_matrix(s, lowres_hw[axis])[: box.resized_hw[axis]]  # upsample, crop padding
+        back = bilinear_matrix(box.original_hw[axis], box.resized_hw[axis])  # to original size
+        mats.append((back @ up).astype(np.float32))
+    return mats[0], mats[1]
+
+
+def restore_logits(lowres: np.ndarray, box: Letterbox) -> np.ndarray:
+    """Low-resolution logits (h, w) -> logits (H, W) at the original image size."""
+    lowres = np.asarray(lowres, np.float32)
+    if lowres.ndim != 2:
+        raise ValueError(f"expected 2-D low-resolution logits, got shape {lowres.shape}")
+    ry, rx = _restore_matrices(box, lowres.shape)
+    return ry @ lowres @ rx.T
+
+
+def patch_region(patch_logits: np.ndarray, box: Letterbox) -> np.ndarray:
+    """The SPPG patch logits that cover the image (padding cells dropped)."""
+    s = box.input_size
+    ph, pw = patch_logits.shape[-2:]
+    hh = -(-box.resized_hw[0] * ph // s)
+    ww = -(-box.resized_hw[1] * pw // s)
+    return patch_logits[..., :hh, :ww]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float32)))).astype(np.float32)
