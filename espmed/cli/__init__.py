@@ -44,25 +44,15 @@ for module in (info, convert):
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: Typer handles usage errors; ours become one line + exit 2."""
     from ..errors import EspmedError
 
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
         if _state["debug"] or "--debug" in sys.argv:
             raise
         if isinstance(exc, EspmedError):
