@@ -1,0 +1,184 @@
+"""`espmed predict`: segment image files, folders and DICOM series with an artifact or checkpoint.
+
+A file that cannot be read or segmented is reported and skipped; the others continue, and the
+exit code is 1 when any failed. Every output is written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+FORMATS = ("auto", "png", "nifti", "dicom-seg")
+
+
+@dataclass
+class Job:
+    """One thing to segment: a file, or the instances of one DICOM series."""
+
+    label: Path
+    paths: list[Path]
+    series: bool = False
+
+
+@dataclass
+class Outcome:
+    label: Path
+    frames: int = 0
+    foreground: float = 0.0  # fraction of mask pixels over all frames
+    infer_ms: float = 0.0  # mean graph time per frame
+    outputs: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+
+def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome]]:
+    """Files as given; folders walked recursively, DICOM instances grouped into series."""
+    from ..io import is_supported
+    from ..io.dicom import DICOM_SUFFIXES, group_series, is_dicom_file
+
+    jobs: list[Job] = []
+    missing: list[Outcome] = []
+    for item in inputs:
+        if item.is_file():
+            jobs.append(Job(item, [item]))
+            continue
+        if not item.is_dir():
+            missing.append(Outcome(item, error="no such file or folder"))
+            continue
+        files = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+        dicom = [p for p in files if p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p)]
+        dicom_set = set(dicom)
+        series, singles = group_series(dicom)
+        for uid, paths in series.items():
+            folder = paths[0].parent
+            label = folder / f"series-{uid}" if len(series) > 1 else folder
+            jobs.append(Job(label, paths, series=True))
+        jobs.extend(Job(p, [p]) for p in singles)
+        jobs.extend(Job(p, [p]) for p in files if p not in dicom_set and is_supported(p))
+    return jobs, missing
+
+
+def output_format(requested: str, kind: str) -> str:
+    from ..errors import ImageReadError
+
+    if requested == "auto":
+        return {"raster": "png", "nifti": "nifti", "dicom": "dicom-seg"}[kind]
+    if requested == "nifti" and kind != "nifti":
+        raise ImageReadError("--format nifti needs a NIfTI input (its affine and header are reused)")
+    if requested == "dicom-seg" and kind != "dicom":
+        raise ImageReadError("--format dicom-seg needs a DICOM input (the SEG references its instances)")
+    return requested
+
+
+def unique_name(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}-{n}"
+    used.add(candidate)
+    return candidate
+
+
+def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: int, used: set[str]) -> Outcome:
+    """Read, segment and write one job; raises EspmedError on a bad input."""
+    import numpy as np
+
+    from ..io import read_dicom_series, read_image, write_dicom_seg, write_mask_png, write_nifti_mask, write_overlay_png
+    from ..runtimes.preprocess import to_rgb_uint8
+
+    image = read_dicom_series(job.paths, job.label) if job.series else read_image(job.paths[0], axis)
+    fmt = output_format(fmt, image.kind)
+    predictions = seg.predict_batch(image.frames)
+    masks = [p.mask for p in predictions]
+    name = unique_name(image.path.name if job.series else image.name, used)
+    outputs: list[Path] = []
+    many = len(masks) > 1
+    if fmt == "png":
+        for i, mask in enumerate(masks):
+            outputs.append(write_mask_png(out / f"{name}{f'_{i:04d}' if many else ''}_mask.png", mask))
+    elif fmt == "nifti":
+        outputs.append(write_nifti_mask(out / f"{name}_mask.nii.gz", image, masks))
+    else:
+        outputs.append(write_dicom_seg(out / f"{name}_seg.dcm", image.source, masks, modality_name=seg.modality))
+    if want_overlay:
+        for i, (frame, mask) in enumerate(zip(image.frames, masks)):
+            outputs.append(write_overlay_png(out / f"{name}{f'_{i:04d}' if many else ''}_overlay.png", to_rgb_uint8(frame), mask))
+    pixels = sum(m.size for m in masks)
+    return Outcome(
+        label=job.label,
+        frames=len(masks),
+        foreground=float(sum(int(np.count_nonzero(m)) for m in masks) / pixels),
+        infer_ms=float(np.mean([p.timings["infer"] for p in predictions])),
+        outputs=outputs,
+    )
+
+
+def print_summary(console, outcomes: list[Outcome], out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"espmed predict -> {out}")
+    for col, justify in (("input", "left"), ("frames", "right"), ("mask %", "right"), ("ms/frame", "right"), ("outputs", "right"), ("status", "left")):
+        table.add_column(col, justify=justify)
+    for o in outcomes:
+        if o.error:
+            table.add_row(o.label.name, "", "", "", "", "[red]failed[/red]")
+        else:
+            table.add_row(o.label.name, str(o.frames), f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}", str(len(o.outputs)), "[green]ok[/green]")
+    console.print(table)
+    failed = [o for o in outcomes if o.error]
+    for o in failed:
+        message = o.error if o.error.startswith(str(o.label)) else f"{o.label}: {o.error}"
+        console.print(f"[red]failed[/red] {message}", soft_wrap=True, highlight=False)
+    console.print(f"{len(outcomes) - len(failed)} segmented, {len(failed)} failed; outputs in {out}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def predict(
+        inputs: List[Path] = typer.Argument(..., help="Image files, folders (walked recursively) or DICOM series folders."),
+        model: Path = typer.Option(..., "--model", "-m", help="Artifact (.onnx, .xml, .engine) or checkpoint (.safetensors, .pth)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+        fmt: str = typer.Option("auto", "--format", "-f", help="png | nifti | dicom-seg | auto (png for images, nifti for NIfTI, dicom-seg for DICOM)."),
+        overlay: bool = typer.Option(False, "--overlay", help="Also write the mask contour over each image as PNG."),
+        device: str = typer.Option("CPU", "--device", help="CPU, GPU/CUDA, TensorRT (ONNX Runtime) or AUTO (OpenVINO)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Backend intra-op threads."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="OpenVINO inference precision: f32 (default) or bf16/f16."),
+        modality: Optional[str] = typer.Option(None, "--modality", help="Checkpoints with several controllers: which modality to run."),
+        axis: int = typer.Option(2, "--axis", min=0, max=2, help="NIfTI volumes: the axis to slice along."),
+        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Checkpoints only: input size to run at (multiple of 32)."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the artifact manifest hash check."),
+    ) -> None:
+        """Segment medical images with an exported artifact (or a checkpoint)."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ..errors import EspmedError
+        from ..runtimes import load
+
+        if fmt not in FORMATS:
+            raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+        console = Console(stderr=True)
+        seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
+                   modality=modality, image_size=imgsz)
+        console.print(f"model: {seg.source.name} ({seg.backend}, {seg.metadata.target}, modality {seg.modality}, {seg.input_size} px)")
+        jobs, outcomes = collect_jobs(list(inputs))
+        if not jobs and not outcomes:
+            raise EspmedError("no supported images found in the inputs")
+        out.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("segmenting", total=len(jobs))
+            for job in jobs:
+                progress.update(task, description=f"segmenting {job.label.name}")
+                try:
+                    outcomes.append(segment_job(job, seg, out, fmt, overlay, axis, used))
+                except (EspmedError, ValueError, OSError) as exc:  # a bad input: report, go on
+                    outcomes.append(Outcome(job.label, error=str(exc) or type(exc).__name__))
+                progress.advance(task)
+        print_summary(Console(), outcomes, out)
+        if any(o.error for o in outcomes):
+            raise typer.Exit(1)

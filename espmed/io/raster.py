@@ -1,0 +1,82 @@
+"""PNG / JPEG / BMP (Pillow) and TIFF (tifffile) images, 8- or 16-bit, gray, RGB or RGBA.
+
+Pixel values are returned as stored (uint8, uint16, float); `espmed.runtimes.preprocess`
+scales non-uint8 images to 0..255 by min-max (documented there). Sizes are checked from the
+header before decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImageReadError
+from .common import MedicalImage, check_declared_size, check_finite
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+RASTER_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES
+
+
+def read_raster(path: str | Path) -> MedicalImage:
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        frames = _read_tiff(path)
+    else:
+        frames = [_read_pillow(path)]
+    for frame in frames:
+        check_finite(path, frame)
+    return MedicalImage(path, "raster", frames, info={"dtype": str(frames[0].dtype)})
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            check_declared_size(path, (im.height, im.width, len(im.getbands())), (im.height, im.width))
+            im.load()
+            return _pillow_to_array(im)
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise ImageReadError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def _pillow_to_array(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGBA" if ("A" in mode or "transparency" in im.info) else ("L" if mode == "1" else "RGB"))
+    elif mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.uint16)
+    return np.asarray(im)
+
+
+def _read_tiff(path: Path) -> list[np.ndarray]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ImageReadError(f"{path}: TIFF holds no image")
+            series = tif.series[0]
+            shape, axes = tuple(series.shape), series.axes
+            if "Y" not in axes or "X" not in axes:
+                raise ImageReadError(f"{path}: TIFF series has no Y/X axes (axes {axes})")
+            check_declared_size(path, shape, (shape[axes.index("Y")], shape[axes.index("X")]))
+            data = series.asarray()
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise ImageReadError(f"{path}: corrupt or unreadable TIFF ({type(exc).__name__}: {exc})") from None
+    # Move Y, X (and samples S) last; every other axis enumerates frames.
+    order = [i for i, a in enumerate(axes) if a not in "YXS"] + [axes.index("Y"), axes.index("X")]
+    if "S" in axes:
+        order.append(axes.index("S"))
+    data = np.transpose(data, order)
+    per_frame = 3 if "S" in axes else 2
+    data = data.reshape((-1,) + data.shape[data.ndim - per_frame :])
+    return [np.ascontiguousarray(f) for f in data]

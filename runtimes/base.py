@@ -1,0 +1,156 @@
+"""The backend-independent part of a runtime: pre-process, run the graph, post-process.
+
+A backend implements `_infer(x)` for one chunk whose batch size the artifact accepts; everything
+else (input checks, chunking, letterboxing, restoring logits to the image size, thresholding,
+timings) lives here so that every backend behaves identically. Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from espmed.errors import ModalityError
+
+from .metadata import ArtifactMetadata
+from .preprocess import Letterbox, patch_region, preprocess, restore_logits, sigmoid
+
+#: Images per graph call in `predict_batch` when the artifact's batch is dynamic.
+DEFAULT_DYNAMIC_CHUNK = 8
+
+
+@dataclass
+class Prediction:
+    """One image's segmentation at the image's own size."""
+
+    mask: np.ndarray  # bool (H, W)
+    probability: np.ndarray  # float32 (H, W), sigmoid of the logits
+    patch_map: np.ndarray  # float32 SPPG patch probabilities covering the image (h/32-ish, w/32-ish)
+    logits: np.ndarray | None = None  # float32 (H, W), only when asked for
+    timings: dict[str, float] = field(default_factory=dict)  # ms: preprocess / infer / postprocess
+
+
+class Segmenter:
+    """A loaded artifact. Safe to call from many threads at once (backends guarantee `_infer`)."""
+
+    backend = "base"
+
+    def __init__(self, metadata: ArtifactMetadata, source: Path) -> None:
+        self.metadata = metadata
+        self.source = Path(source)
+        pre = metadata.preprocessing
+        self._mean = tuple(float(v) for v in pre["mean"])
+        self._std = tuple(float(v) for v in pre["std"])
+        self._threshold = float(pre.get("mask_threshold", 0.0))
+
+    # -- backend hook --------------------------------------------------------------------------
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lowres_masks, patch_logits) for `x` (B, 3, S, S) float32 with B the artifact accepts."""
+        raise NotImplementedError
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.metadata.input_size
+
+    @property
+    def modality(self) -> str:
+        return self.metadata.modality
+
+    @property
+    def chunk_size(self) -> int:
+        """Images per graph call: the fixed batch, or `DEFAULT_DYNAMIC_CHUNK` for a dynamic one."""
+        return self.metadata.batch or DEFAULT_DYNAMIC_CHUNK
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        batch = "dynamic" if m.dynamic_batch else m.batch
+        return f"<{type(self).__name__} {self.source.name} {m.target} {m.modality} {m.input_size}px batch={batch}>"
+
+    # -- raw graph -----------------------------------------------------------------------------
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw graph call on a pre-processed batch (B, 3, S, S) float32, any B >= 1.
+
+        A fixed-batch artifact gets the batch in chunks of its size, the last one zero-padded.
+        """
+        s = self.input_size
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (3, s, s) or x.shape[0] < 1:
+            raise ValueError(f"expected input of shape (B, 3, {s}, {s}), got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        fixed = self.metadata.batch
+        if not fixed or x.shape[0] == fixed:
+            return self._infer(x)
+        lowres, patches = [], []
+        for start in range(0, x.shape[0], fixed):
+            part = x[start : start + fixed]
+            n = part.shape[0]
+            if n < fixed:
+                part = np.concatenate([part, np.zeros((fixed - n, 3, s, s), np.float32)])
+            lo, pa = self._infer(part)
+            lowres.append(lo[:n])
+            patches.append(pa[:n])
+        return np.concatenate(lowres), np.concatenate(patches)
+
+    # -- images --------------------------------------------------------------------------------
+    def predict(self, image: np.ndarray, return_logits: bool = False) -> Prediction:
+        """Segment one 2-D image (gray, RGB or RGBA, any numeric dtype); mask at its own size."""
+        return self.predict_batch([image], return_logits)[0]
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray], return_logits: bool = False, chunk_size: int | None = None
+    ) -> list[Prediction]:
+        """Segment several images, `chunk_size` (default `self.chunk_size`) per graph call.
+
+        Each prediction's `timings["infer"]` is its share of its chunk's graph time.
+        """
+        images = list(images)
+        chunk = chunk_size or self.chunk_size
+        if self.metadata.batch and chunk % self.metadata.batch:
+            chunk = self.metadata.batch
+        results: list[Prediction] = []
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk]
+            t0 = time.perf_counter()
+            pre = [preprocess(im, self.input_size, self._mean, self._std) for im in part]
+            t1 = time.perf_counter()
+            lowres, patches = self.run(np.stack([x for x, _ in pre]))
+            t2 = time.perf_counter()
+            n = len(part)
+            for i, (_, box) in enumerate(pre):
+                t3 = time.perf_counter()
+                pred = self._postprocess(lowres[i, 0], patches[i, 0], box, return_logits)
+                pred.timings = {
+                    "preprocess": (t1 - t0) * 1e3 / n,
+                    "infer": (t2 - t1) * 1e3 / n,
+                    "postprocess": (time.perf_counter() - t3) * 1e3,
+                }
+                results.append(pred)
+        return results
+
+    def _postprocess(self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool) -> Prediction:
+        logits = restore_logits(lowres, box)
+        return Prediction(
+            mask=logits >= self._threshold,
+            probability=sigmoid(logits),
+            patch_map=sigmoid(patch_region(patches, box)),
+            logits=logits if keep_logits else None,
+        )
+
+    def check_modality(self, modality: str | int | None) -> None:
+        """Refuse a modality other than the one the artifact was exported for."""
+        if modality is None:
+            return
+        m = self.metadata
+        if isinstance(modality, int) or (isinstance(modality, str) and modality.strip().isdigit()):
+            ok = int(modality) == m.modality_index
+        else:
+            ok = modality.strip().lower() == m.modality
+        if not ok:
+            raise ModalityError(
+                f"{self.source}: artifact was exported for modality {m.modality!r}, not {modality!r}"
+            )

@@ -1,0 +1,99 @@
+"""`load(artifact)`: pick the backend from the artifact file, verify it, return a `Segmenter`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from espmed.errors import ArtifactError
+
+from .base import Segmenter
+from .manifest import check_manifest_metadata, verify_manifest
+
+#: File suffix -> backend name.
+SUFFIX_BACKENDS = {
+    ".onnx": "onnxruntime",
+    ".xml": "openvino",
+    ".engine": "tensorrt",
+    ".safetensors": "torch",
+    ".pth": "torch",
+    ".pt": "torch",
+}
+
+
+def find_artifact(path: str | Path) -> Path:
+    """The artifact file itself, or the single artifact inside a folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix in SUFFIX_BACKENDS and p.is_file())
+        if len(found) != 1:
+            listed = ", ".join(p.name for p in found) or "none"
+            raise ArtifactError(f"{path}: expected exactly one artifact file in the folder, found {listed}")
+        return found[0]
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file")
+    return path
+
+
+def load(
+    artifact: str | Path,
+    device: str = "CPU",
+    threads: int | None = None,
+    precision: str | None = None,
+    verify: bool = True,
+    cache_dir: str | Path | None = None,
+    modality: str | int | None = None,
+    image_size: int | None = None,
+) -> Segmenter:
+    """Load an exported artifact (or a checkpoint, as the torch reference) ready to `predict`.
+
+    device: "CPU" (default), "GPU"/"CUDA", "TensorRT" (ONNX Runtime provider) or "AUTO" (OpenVINO,
+        ONNX Runtime); ignored by the torch reference, which runs on CPU.
+    threads: intra-op threads of the backend (None: the backend's default).
+    precision: OpenVINO inference precision ("f32" default, "bf16"/"f16" opt-in); other backends
+        run the precision baked into the artifact and refuse a different request.
+    verify: check `<artifact>.manifest.json` hashes when the manifest is present.
+    cache_dir: OpenVINO compiled-model cache (fast second start).
+    modality: for a checkpoint with several controllers, the one to run; for an artifact, a
+        check that it was exported for this modality.
+    image_size: checkpoint only: the input size to run the weights at (multiple of 32).
+    """
+    path = find_artifact(artifact)
+    backend = SUFFIX_BACKENDS.get(path.suffix.lower())
+    if backend is None:
+        raise ArtifactError(
+            f"{path}: unknown artifact type {path.suffix!r}; expected one of {', '.join(SUFFIX_BACKENDS)}"
+        )
+    if image_size is not None and backend != "torch":
+        raise ArtifactError(f"{path}: the input size of an exported artifact is fixed ({backend})")
+    listed = verify_manifest(path) if verify and backend != "torch" else None
+    if backend == "torch":
+        from .torch_reference import TorchSegmenter
+
+        segmenter: Segmenter = TorchSegmenter(path, modality=modality, threads=threads, image_size=image_size)
+    elif backend == "onnxruntime":
+        from .ort import OnnxRuntimeSegmenter
+
+        segmenter = OnnxRuntimeSegmenter(path, device=device, threads=threads)
+    elif backend == "openvino":
+        from .openvino_ir import OpenVinoSegmenter
+
+        segmenter = OpenVinoSegmenter(path, device=device, threads=threads, precision=precision, cache_dir=cache_dir)
+    else:
+        from .tensorrt_engine import TensorRtSegmenter
+
+        gpu = device if device.upper().startswith("CUDA:") else "CUDA:0"
+        segmenter = TensorRtSegmenter(path, device=gpu)
+    if precision is not None and backend != "openvino" and precision.lower() not in _aliases(segmenter.metadata.precision):
+        raise ArtifactError(
+            f"{path}: artifact precision is {segmenter.metadata.precision}; only OpenVINO sets the precision at run time"
+        )
+    if backend != "torch":
+        segmenter.check_modality(modality)
+    if listed is not None:
+        check_manifest_metadata(path, listed, segmenter.metadata)
+    return segmenter
+
+
+def _aliases(precision: str) -> set[str]:
+    p = precision.lower()
+    return {p, p.replace("fp", "f")}

@@ -1,0 +1,72 @@
+"""Manifest check: the SHA-256 of every artifact file, written beside it by the exporter.
+
+`<artifact file name>.manifest.json` = `{"metadata": {...}, "files": {"<name>": "<sha256>"}}`.
+A present manifest must cover the artifact file, every listed file must exist and match, and its
+metadata must equal the metadata embedded in the artifact. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from espmed.errors import ArtifactError
+
+from .metadata import ArtifactMetadata
+
+
+def manifest_path(artifact: str | Path) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".manifest.json")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(artifact: str | Path) -> ArtifactMetadata | None:
+    """Check the files against a present manifest (ArtifactError on any mismatch).
+
+    Returns the manifest's metadata for `check_manifest_metadata`, or None without a manifest.
+    """
+    artifact = Path(artifact)
+    path = manifest_path(artifact)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{path}: manifest lists no files")
+    if artifact.name not in files:
+        raise ArtifactError(f"{path}: manifest does not cover {artifact.name}")
+    for name, expected in files.items():
+        if Path(name).name != name:
+            raise ArtifactError(f"{path}: manifest entry {name!r} is not a file name beside the artifact")
+        member = artifact.with_name(name)
+        if not member.is_file():
+            raise ArtifactError(f"{member}: listed in the manifest but missing")
+        actual = file_sha256(member)
+        if actual != expected:
+            raise ArtifactError(
+                f"{member}: SHA-256 {actual[:12]}... does not match the manifest ({str(expected)[:12]}...); "
+                "the artifact was modified or is corrupt"
+            )
+    if "metadata" not in data:
+        raise ArtifactError(f"{path}: manifest has no metadata")
+    return ArtifactMetadata.from_json(json.dumps(data["metadata"]), str(path))
+
+
+def check_manifest_metadata(artifact: str | Path, listed: ArtifactMetadata, embedded: ArtifactMetadata) -> None:
+    """The manifest must describe the same graph as the metadata embedded in the artifact."""
+    if listed.to_json() != embedded.to_json():
+        raise ArtifactError(
+            f"{manifest_path(artifact)}: manifest metadata differs from the metadata inside {Path(artifact).name}"
+        )

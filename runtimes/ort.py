@@ -1,0 +1,95 @@
+"""ONNX Runtime backend: CPU execution provider, CUDA / TensorRT providers where installed.
+
+An `InferenceSession` may be `run` from many threads at once, so the segmenter needs no lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from espmed.errors import ArtifactError, BackendUnavailableError
+
+from .base import Segmenter
+from .metadata import METADATA_KEY, ArtifactMetadata
+
+#: `device` argument -> execution providers, in preference order (CPU always last as fallback).
+DEVICE_PROVIDERS = {
+    "CPU": ["CPUExecutionProvider"],
+    "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "TENSORRT": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed (pip install 'espmed[onnx]')") from None
+    return onnxruntime
+
+
+def select_providers(device: str, available: list[str]) -> list[str]:
+    """Execution providers for `device` ("CPU", "CUDA"/"GPU", "TensorRT" or "AUTO")."""
+    key = device.strip().upper()
+    if key == "AUTO":
+        order = DEVICE_PROVIDERS["TENSORRT"]
+        return [p for p in order if p in available]
+    if key not in DEVICE_PROVIDERS:
+        raise BackendUnavailableError(
+            f"unknown ONNX Runtime device {device!r}; choose CPU, CUDA, TensorRT or AUTO"
+        )
+    wanted = DEVICE_PROVIDERS[key][0]
+    if wanted not in available:
+        raise BackendUnavailableError(
+            f"ONNX Runtime has no {wanted} here (available: {', '.join(available)})"
+        )
+    return [p for p in DEVICE_PROVIDERS[key] if p in available]
+
+
+def _open_session(ort, path: Path, opts, providers: list[str]):
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {first}") from None
+
+
+def _metadata_of(session, path: Path) -> ArtifactMetadata:
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise ArtifactError(f"{path}: ONNX model has no espmed metadata (metadata_props['{METADATA_KEY}'])")
+    return ArtifactMetadata.from_json(props[METADATA_KEY], str(path))
+
+
+class OnnxRuntimeSegmenter(Segmenter):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "CPU", threads: int | None = None) -> None:
+        ort = _import_ort()
+        path = Path(path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.providers = select_providers(device, ort.get_available_providers())
+        self.session = _open_session(ort, path, opts, self.providers)
+        super().__init__(_metadata_of(self.session, path), path)
+        names = [o.name for o in self.session.get_outputs()]
+        inputs = [i.name for i in self.session.get_inputs()]
+        m = self.metadata
+        if m.input_name not in inputs or any(n not in names for n in m.output_names):
+            raise ArtifactError(
+                f"{path}: graph inputs {inputs} / outputs {names} do not match the metadata "
+                f"({m.input_name} -> {', '.join(m.output_names)})"
+            )
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lowres, patches = self.session.run(list(self.metadata.output_names), {self.metadata.input_name: x})
+        return np.asarray(lowres, np.float32), np.asarray(patches, np.float32)

@@ -1,0 +1,85 @@
+"""Torch reference backend: a release `.pth` or native `.safetensors` checkpoint, run in PyTorch.
+
+The only module of `espmed.runtimes` that imports torch, and only when a checkpoint is loaded.
+It feeds the same numpy pre-processing as the exported backends, so its masks are the reference
+the artifacts are compared with. Forward passes run under `torch.inference_mode()` per call on an
+eval-mode model, which is safe from many threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from espmed import __version__
+from espmed.errors import BackendUnavailableError, ModalityError
+
+from .base import Segmenter
+from .metadata import ArtifactMetadata
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailableError("torch is not installed (pip install 'espmed[torch]')") from None
+    return torch
+
+
+class TorchSegmenter(Segmenter):
+    backend = "torch"
+
+    def __init__(
+        self,
+        path: str | Path,
+        modality: str | int | None = None,
+        threads: int | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        torch = _import_torch()
+        from espmed.model import load_checkpoint
+        from espmed.model.checkpoint import file_sha256
+
+        path = Path(path)
+        model = load_checkpoint(path, image_size=image_size)
+        cfg = model.config
+        available = model.available_modalities
+        if modality is None:
+            if len(available) != 1:
+                raise ModalityError(
+                    f"{path}: the checkpoint serves several modalities ({', '.join(available)}); "
+                    "choose one with modality=..."
+                )
+            modality = available[0]
+        index = cfg.modality_index(modality)
+        self.model = model.specialize(index).eval()
+        self._index = index
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model thread pool
+        self._torch = torch
+        metadata = ArtifactMetadata(
+            target="torch",
+            backend="torch",
+            precision="fp32",
+            modality=cfg.modalities[index],
+            modality_index=index,
+            modalities=list(cfg.modalities),
+            input_size=cfg.image_size,
+            batch=0,
+            preprocessing=cfg.preprocessing.to_dict(),
+            preset=cfg.preset,
+            espmed_version=__version__,
+            source_checkpoint_sha256=file_sha256(path),
+            library_versions={"torch": torch.__version__},
+        )
+        metadata.validate(str(path))
+        super().__init__(metadata, path)
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(x), self._index)
+        return out.lowres_masks.float().numpy(), out.patch_logits.float().numpy()
