@@ -1,0 +1,50 @@
+"""`espmed export`: a checkpoint -> one deployable artifact (see `espmed.export.TARGETS`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_TARGET_NAMES = "onnx, onnx-fp16, onnx-int8, openvino, openvino-fp16, openvino-int8, trt-fp32, trt-fp16, trt-int8"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_command(
+        checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Release .pth or native .safetensors checkpoint."),
+        target: str = typer.Option(..., "--target", "-t", help=f"One of: {_TARGET_NAMES}."),
+        modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to bake in (default: the model's only one)."),
+        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32; default: the checkpoint's)."),
+        batch: int = typer.Option(1, "--batch", help="Fixed batch size."),
+        dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic batch size (instead of --batch)."),
+        simplify: str = typer.Option("onnxsim", "--simplify", help="Graph simplifier: onnxsim, onnxslim or none."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17)."),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of real images for INT8 calibration and the accuracy check (default: bundled samples)."),
+        max_drop: float = typer.Option(0.02, "--max-drop", help="Largest allowed per-image Dice drop vs FP32."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact file, or a folder for the default name."),
+        runtime_precision: Optional[str] = typer.Option(None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record."),
+        workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="TensorRT only: workspace limit (default: chosen by TensorRT)."),
+        timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT only: timing cache file to reuse and update."),
+        max_batch: Optional[int] = typer.Option(None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine (default 8)."),
+    ) -> None:
+        """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model."""
+        from ..export import export
+
+        options = {
+            k: v
+            for k, v in {
+                "runtime_precision": runtime_precision, "workspace_mb": workspace_mb,
+                "timing_cache": timing_cache, "max_batch": max_batch,
+            }.items()
+            if v is not None
+        }
+        result = export(
+            checkpoint, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
+            simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=True, **options,
+        )
+        size = result.size_bytes / 1e6
+        others = f" (+ {', '.join(f.name for f in result.files[1:])})" if len(result.files) > 1 else ""
+        typer.echo(f"artifact: {result.artifact}{others}  {size:.1f} MB  manifest: {result.manifest.name}")
+        typer.echo(f"run it:   espmed predict IMAGE --model {result.artifact} --out out/")

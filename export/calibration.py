@@ -1,0 +1,91 @@
+"""Real images for calibration and accuracy checks, preprocessed exactly as every runtime does.
+
+Images come from `--calib DIR` or the sample images bundled with espmed. They are sorted by file
+name and split deterministically: odd positions are held out for the accuracy gate, the rest
+calibrate (one image serves both). The calibration set is identified by sha256 over the sorted
+sha256 digests of its files. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from espmed.errors import ExportError, ImageReadError
+from espmed.runtimes.preprocess import Letterbox, preprocess
+
+from .manifest import files_sha256
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
+
+
+@dataclass
+class CalibrationImage:
+    path: Path
+    x: np.ndarray  # (3, S, S) float32 model input
+    box: Letterbox
+
+
+@dataclass
+class CalibrationSet:
+    source: str
+    calibration: list[CalibrationImage]
+    held_out: list[CalibrationImage]
+    sha256: str  # over the calibration files
+
+    def describe(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "images": len(self.calibration),
+            "held_out": [im.path.name for im in self.held_out],
+            "source": self.source,
+        }
+
+
+def default_calibration_dir() -> Path:
+    return Path(str(resources.files("espmed") / "assets" / "samples"))
+
+
+def image_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: calibration folder not found")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExportError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate with")
+    return files
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2-D image file as an array (any dtype; `preprocess` scales it)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
+    """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
+    source = Path(directory) if directory is not None else default_calibration_dir()
+    files = image_files(source)
+    loaded = []
+    for f in files:
+        x, box = preprocess(read_image(f), input_size, mean, std)
+        loaded.append(CalibrationImage(f, x, box))
+    if len(loaded) == 1:
+        calib, held = loaded, loaded
+    else:
+        calib, held = loaded[0::2], loaded[1::2]
+    label = "bundled samples" if directory is None else str(source)
+    return CalibrationSet(label, calib, held, files_sha256(im.path for im in calib))

@@ -1,0 +1,52 @@
+"""The exportable graph: one modality baked in, `images -> (lowres_masks, patch_logits)`.
+
+No prompt loop and no modality gather: the model is specialised to one controller and the query
+index is a Python constant, so every exported graph is plain layers. Upsampling to the original
+image size and thresholding stay outside (the runtime does them with `runtimes.preprocess`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from espmed.errors import ExportError, ModalityError
+from espmed.model import ESPMedSAM
+
+
+class ExportGraph(nn.Module):
+    """A specialised ESP-MedSAM whose forward returns what every artifact outputs."""
+
+    def __init__(self, model: ESPMedSAM, modality: str | int) -> None:
+        super().__init__()
+        cfg = model.config
+        try:
+            self.modality_index = cfg.modality_index(modality)
+            self.model = model.specialize(self.modality_index).eval()
+        except ModalityError as exc:
+            raise ExportError(f"cannot export modality {modality!r}: {exc}") from None
+        self.modality = cfg.modalities[self.modality_index]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images, self.modality_index)
+        return out.lowres_masks, out.patch_logits
+
+
+def choose_modality(model: ESPMedSAM, modality: str | int | None) -> str:
+    """The modality to export: the one given, or the model's only one; else an error listing them."""
+    available = model.available_modalities
+    if modality is not None:
+        try:
+            return model.config.modalities[model.config.modality_index(modality)]
+        except ModalityError as exc:
+            raise ExportError(str(exc)) from None
+    if len(available) == 1:
+        return available[0]
+    raise ExportError(
+        f"the model has controllers for several modalities; choose one with --modality "
+        f"({', '.join(available)})"
+    )

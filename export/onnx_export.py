@@ -1,0 +1,177 @@
+"""ESP-MedSAM graph -> ONNX (FP32, FP16 with FP32 I/O), metadata embedded in `metadata_props`.
+
+Exporter: the dynamo exporter (`torch.onnx.export(dynamo=True)`), chosen explicitly. The
+TorchScript exporter cannot export a dynamic batch here (LayerNorm2d's normalised shape becomes a
+traced tensor). Tracing runs with the math SDPA kernel: the fused CPU kernel returns an output
+layout that the ONNX decomposition does not reproduce, which breaks the window-attention reshape.
+Opset >= 17 keeps LayerNorm as one LayerNormalization op. A dynamic batch is exported from a
+batch-2 example (a batch-1 example silently specialises the batch to 1).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import onnx
+
+from espmed.errors import ExportError
+from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
+
+EXPORTER = "torch.onnx dynamo"
+MIN_OPSET = 17
+SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
+#: Ops that stay FP32 in the FP16 graph: normalisation statistics, softmax, GELU's erf and the
+#: final resize overflow or lose too many bits in half precision.
+FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt")
+
+
+def export_onnx(graph, path: Path, *, image_size: int, batch: int, dynamic: bool, opset: int, simplify: str) -> onnx.ModelProto:
+    """Export `graph` (an ExportGraph) and return the cleaned, simplified ONNX model (not yet saved)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: LayerNorm needs opset >= {MIN_OPSET}")
+    if simplify not in SIMPLIFIERS:
+        raise ExportError(f"unknown simplifier {simplify!r}; choose from {', '.join(SIMPLIFIERS)}")
+    example_batch = 2 if dynamic else batch
+    example = torch.zeros(example_batch, 3, image_size, image_size)
+    kwargs = {}
+    if dynamic:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+    raw = path.with_name(path.stem + ".raw.onnx")
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _quiet_exporter():
+            torch.onnx.export(
+                graph, (example,), str(raw), dynamo=True, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), verbose=False, report=False, **kwargs,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+    except Exception as exc:  # the exporter raises many internal error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed: {first}") from exc
+    finally:
+        for leftover in raw.parent.glob(raw.name + "*"):
+            leftover.unlink(missing_ok=True)
+    name_nodes_by_module(model)
+    if dynamic:
+        name_batch_dim(model)
+    return simplify_model(model, simplify)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's deprecation warnings and registry chatter (errors still raise)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def name_nodes_by_module(model: onnx.ModelProto) -> None:
+    """Rename nodes `<module path>/<Op>_<i>` from the exporter's name scopes and drop the bulky
+    per-node metadata (stack traces). Readable names are what float-layer lists, OpenVINO/NNCF
+    ignored scopes and the TensorRT precision plan refer to."""
+    used: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        module = ""
+        if scopes:
+            try:
+                parts = [s for s in ast.literal_eval(scopes) if s.startswith("model.") or s == "model"]
+            except (ValueError, SyntaxError):
+                parts = []
+            if parts:
+                module = parts[-1].removeprefix("model.").removeprefix("model")
+        name = f"{module or 'graph'}/{node.op_type}_{i}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        node.name = name
+        del node.metadata_props[:]
+
+
+def name_batch_dim(model: onnx.ModelProto) -> None:
+    """Call the dynamic batch dimension `batch` on the graph inputs and outputs."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.HasField("dim_value"):
+            dim.dim_param = "batch"
+
+
+def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
+    if simplify == "onnxsim":
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if not ok:
+            raise ExportError("onnxsim could not validate the simplified graph (use --simplify onnxslim or none)")
+        return simplified
+    if simplify == "onnxslim":
+        import onnxslim
+
+        return onnxslim.slim(model)
+    return model
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16 weights and compute, FP32 graph inputs/outputs; sensitive ops kept FP32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(FP16_KEEP_FLOAT_OPS), disable_shape_infer=False
+    )
+
+
+def embed_metadata(model: onnx.ModelProto, meta: ArtifactMetadata) -> None:
+    for prop in list(model.metadata_props):
+        if prop.key == METADATA_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = meta.to_json()
+    model.producer_name = "espmed"
+
+
+def read_metadata(path: str | Path) -> ArtifactMetadata:
+    """The espmed metadata embedded in an ONNX file (graph weights are not loaded)."""
+    from espmed.errors import ArtifactError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ArtifactError(f"{path}: ONNX model without espmed metadata")
+    return ArtifactMetadata.from_json(props[METADATA_KEY], str(path))
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save as one file when it fits protobuf's 2 GB limit, else with a `.onnx.data` beside it."""
+    if model.ByteSize() < 2_000_000_000:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    return [path, path.with_name(data)]
+
+
+def node_module(node_name: str) -> str:
+    """The module path part of a node name given by `name_nodes_by_module`."""
+    return node_name.rsplit("/", 1)[0]
+
+
+def nodes_matching(model: onnx.ModelProto, pattern: str) -> list[str]:
+    rx = re.compile(pattern)
+    return [n.name for n in model.graph.node if rx.search(n.name)]

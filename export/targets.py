@@ -1,0 +1,378 @@
+"""The table of export targets and `export()`, the one entry point the CLI and bench build on.
+
+Every target starts from the same FP32 ONNX graph (dynamo exporter), is checked against the torch
+model on held-out real images, and is published atomically: all files are written into a hidden
+staging folder beside the destination, moved over their final names, and the manifest comes last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from espmed import __version__
+from espmed.errors import BackendUnavailableError, ExportError
+from espmed.runtimes.metadata import ArtifactMetadata
+
+from .accuracy import Attempt, Comparison, compare, gate_table, reference_outputs
+from .calibration import CalibrationSet, load_calibration
+from .manifest import file_sha256, library_versions, publish, staging_dir
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployable format. `options` are the target-specific keyword options it accepts."""
+
+    name: str
+    suffix: str
+    backend: str  # "onnxruntime" | "openvino" | "tensorrt"
+    precision: str  # "fp32" | "fp16" | "int8"
+    options: tuple[str, ...] = ()
+    needs_gpu: bool = False
+
+    @property
+    def calibrated(self) -> bool:
+        return self.precision == "int8"
+
+
+_OV_OPTIONS = ("runtime_precision",)
+_TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("onnx", ".onnx", "onnxruntime", "fp32"),
+        Target("onnx-fp16", ".onnx", "onnxruntime", "fp16"),
+        Target("onnx-int8", ".onnx", "onnxruntime", "int8"),
+        Target("openvino", ".xml", "openvino", "fp32", _OV_OPTIONS),
+        Target("openvino-fp16", ".xml", "openvino", "fp16", _OV_OPTIONS),
+        Target("openvino-int8", ".xml", "openvino", "int8", _OV_OPTIONS),
+        Target("trt-fp32", ".engine", "tensorrt", "fp32", _TRT_OPTIONS, needs_gpu=True),
+        Target("trt-fp16", ".engine", "tensorrt", "fp16", _TRT_OPTIONS, needs_gpu=True),
+        Target("trt-int8", ".engine", "tensorrt", "int8", _TRT_OPTIONS, needs_gpu=True),
+    )
+}
+
+
+@dataclass
+class ExportResult:
+    artifact: Path  # the main file (.onnx, .xml, .engine)
+    manifest: Path
+    metadata: ArtifactMetadata
+    files: list[Path] = field(default_factory=list)  # every file of the artifact
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ExportError(f"unknown export target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def check_options(target: Target, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(target.options))
+    if unknown:
+        accepted = ", ".join(target.options) if target.options else "none"
+        raise ExportError(f"target {target.name} does not accept option(s) {', '.join(unknown)} (accepted: {accepted})")
+
+
+class Stages:
+    """A rich progress display with one line per stage (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn())
+
+    def __enter__(self) -> "Stages":
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        if not self.progress:
+            yield
+            return
+        task = self.progress.add_task(description, total=1)
+        yield
+        self.progress.update(task, completed=1)
+
+    def note(self, text: str) -> None:
+        if self.progress:
+            self.progress.console.print(text, highlight=False)
+
+
+def _load_model(checkpoint_or_model, imgsz: int | None):
+    from espmed.model import ESPMedSAM, load_checkpoint
+
+    if isinstance(checkpoint_or_model, ESPMedSAM):
+        model = checkpoint_or_model
+        if imgsz is not None and imgsz != model.config.image_size:
+            raise ExportError("imgsz applies to a checkpoint file; build the in-memory model at the size to export")
+        return model.eval(), "", "in-memory model"
+    path = Path(checkpoint_or_model)
+    model = load_checkpoint(path, image_size=imgsz)
+    return model, file_sha256(path), path.stem
+
+
+def default_output(stem: str, modality: str, target: Target) -> Path:
+    return Path(f"{stem}_{modality}_{target.name}{target.suffix}")
+
+
+def _resolve_output(out: Path | None, stem: str, modality: str, target: Target) -> Path:
+    if out is None:
+        return default_output(stem, modality, target).resolve()
+    out = Path(out)
+    if out.is_dir() or not out.suffix:  # a folder (existing, or a name without a suffix)
+        return (out / default_output(stem, modality, target)).resolve()
+    if out.suffix != target.suffix:
+        raise ExportError(f"{out}: a {target.name} artifact must end in {target.suffix}")
+    return out.resolve()
+
+
+def _check_backend(target: Target) -> None:
+    if target.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError(
+                f"target {target.name} needs TensorRT 10 and an NVIDIA GPU (pip install 'espmed[tensorrt]' "
+                "from NVIDIA's index); tensorrt is not installed here"
+            ) from None
+
+
+def export(
+    checkpoint_or_model,
+    target: str,
+    out: Path | None = None,
+    *,
+    modality: str | int | None = None,
+    imgsz: int | None = None,
+    batch: int = 1,
+    dynamic: bool = False,
+    simplify: str = "onnxsim",
+    opset: int = 18,
+    calib: str | Path | None = None,
+    max_drop: float = 0.02,
+    progress: bool = True,
+    **options,
+) -> ExportResult:
+    """Export a checkpoint (path) or an ESPMedSAM model to `target`; see `TARGETS`."""
+    from .graph import ExportGraph, choose_modality
+
+    tgt = get_target(target)
+    check_options(tgt, options)
+    if batch < 1:
+        raise ExportError(f"batch must be >= 1, got {batch}")
+    if dynamic and batch != 1:
+        raise ExportError("give either a fixed --batch or --dynamic, not both")
+    if not 0.0 <= max_drop < 1.0:
+        raise ExportError(f"max_drop must be in [0, 1), got {max_drop}")
+    runtime_precision = options.get("runtime_precision", "f32")
+    if runtime_precision not in ("f32", "bf16"):
+        raise ExportError(f"runtime_precision must be f32 or bf16, got {runtime_precision!r}")
+    _check_backend(tgt)
+
+    with Stages(progress) as stages:
+        with stages.stage("load checkpoint"):
+            model, ckpt_sha, stem = _load_model(checkpoint_or_model, imgsz)
+            chosen = choose_modality(model, modality)
+            graph = ExportGraph(model, chosen)
+            cfg = graph.config
+        final = _resolve_output(out, stem, chosen, tgt)
+        size = cfg.image_size
+        pre = cfg.preprocessing
+        meta_batch = 0 if dynamic else batch
+        with stages.stage(f"read {'calibration and ' if tgt.calibrated else ''}held-out images"):
+            images = load_calibration(calib, size, pre.mean, pre.std)
+            reference = reference_outputs(_torch_runner(graph), images.held_out, meta_batch)
+
+        with staging_dir(final) as tmp:
+            from . import onnx_export
+
+            fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
+            label = f"export ONNX ({onnx_export.EXPORTER}, opset {opset}, {'dynamic batch' if dynamic else f'batch {batch}'}, simplify: {simplify})"
+            with stages.stage(label):
+                proto = onnx_export.export_onnx(graph, fp32_onnx, image_size=size, batch=batch, dynamic=dynamic, opset=opset, simplify=simplify)
+                onnx_export.save_onnx(proto, fp32_onnx)
+
+            meta = ArtifactMetadata(
+                target=tgt.name, backend=tgt.backend, precision=tgt.precision, modality=chosen,
+                modality_index=graph.modality_index, modalities=list(cfg.modalities), input_size=size,
+                batch=meta_batch, preprocessing=pre.to_dict(), preset=cfg.preset, espmed_version=__version__,
+                source_checkpoint_sha256=ckpt_sha, exporter=onnx_export.EXPORTER, opset=opset, simplifier=simplify,
+                library_versions=library_versions(),
+            )
+            if tgt.calibrated:
+                meta.calibration = images.describe()
+            ctx = _Context(tgt, tmp, final, fp32_onnx, proto, images, reference, meta_batch, max_drop, pre.mask_threshold, stages)
+            staged = _BUILDERS[tgt.backend](ctx, meta, runtime_precision, options)
+            with stages.stage("publish (atomic)"):
+                files, manifest = publish(staged, final.parent, meta, final.name)
+    return ExportResult(files[0], manifest, meta, files)
+
+
+def _torch_runner(graph):
+    import torch
+
+    def run(x: np.ndarray):
+        with torch.no_grad():
+            low, patch = graph(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        return low.numpy(), patch.numpy()
+
+    return run
+
+
+@dataclass
+class _Context:
+    target: Target
+    tmp: Path
+    final: Path
+    fp32_onnx: Path
+    proto: Any
+    images: CalibrationSet
+    reference: list
+    batch: int
+    max_drop: float
+    threshold: float
+    stages: Stages
+
+    def staged(self, name: str | None = None) -> Path:
+        return self.tmp / (name or self.final.name)
+
+    def check(self, runner, meta: ArtifactMetadata, what: str) -> Comparison:
+        """Compare against torch FP32 on the held-out images; refuse an artifact that fails."""
+        result = compare(runner, self.reference, self.images.held_out, self.batch, self.threshold)
+        meta.accuracy = result.to_dict()
+        self.stages.note(
+            f"  {what}: max |Δ logit| {result.max_abs_lowres:.2e} (patch {result.max_abs_patch:.2e}), "
+            f"Dice vs FP32 min {min(result.dice):.4f} on {len(result.dice)} held-out images"
+        )
+        if not result.passes(self.max_drop):
+            raise ExportError(
+                f"{self.target.name}: Dice vs FP32 dropped to {min(result.dice):.4f} on a held-out image "
+                f"(allowed drop {self.max_drop}); the artifact was not written"
+            )
+        return result
+
+    def record_gate(self, meta: ArtifactMetadata, best: Attempt, attempts: list[Attempt], extra: dict) -> None:
+        meta.float_layers = list(best.float_layers)
+        meta.accuracy = best.comparison.to_dict()
+        meta.accuracy["gate"] = {
+            "max_drop": self.max_drop,
+            "chosen": best.label,
+            "attempts": [{"label": a.label, "float_layers": len(a.float_layers), "min_dice": round(min(a.comparison.dice), 6)} for a in attempts],
+        }
+        meta.extra.update(extra)
+        self.stages.note(gate_table(attempts, self.max_drop))
+
+    def note_attempt(self, attempt: Attempt) -> None:
+        c = attempt.comparison
+        self.stages.note(f"  INT8 try '{attempt.label}' ({len(attempt.float_layers)} float layers): min Dice {min(c.dice):.4f}")
+
+
+def _build_onnx(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, options: dict) -> list[Path]:
+    import onnx
+
+    from . import onnx_export, quantize
+
+    out = ctx.staged()
+    prec = ctx.target.precision
+    if prec == "fp32":
+        model = ctx.proto
+        with ctx.stages.stage("check ONNX Runtime vs torch"):
+            ctx.check(quantize.onnx_runner(ctx.fp32_onnx), meta, "onnxruntime fp32")
+    elif prec == "fp16":
+        with ctx.stages.stage("convert to FP16 (FP32 inputs/outputs)"):
+            model = onnx_export.to_fp16(ctx.proto)
+            onnx_export.save_onnx(model, out)
+        with ctx.stages.stage("check FP16 vs FP32"):
+            ctx.check(quantize.onnx_runner(out), meta, "onnxruntime fp16")
+        meta.float_layers = [f"op:{t}" for t in onnx_export.FP16_KEEP_FLOAT_OPS]
+    else:
+        with ctx.stages.stage(f"quantize INT8 (ORT static QDQ, per-channel, symmetric; {len(ctx.images.calibration)} calibration images) + accuracy gate"):
+            best, attempts = quantize.quantize_onnx_int8(
+                ctx.fp32_onnx, out, ctx.images.calibration, ctx.images.held_out, ctx.reference,
+                ctx.batch, ctx.max_drop, ctx.threshold, ctx.note_attempt,
+            )
+        ctx.record_gate(meta, best, attempts, {"quantized_op_types": list(quantize.QUANTIZED_OP_TYPES), "quantization": "onnxruntime static QDQ, per-channel, symmetric int8, MinMax"})
+        model = onnx.load(str(out))
+    onnx_export.embed_metadata(model, meta)
+    return onnx_export.save_onnx(model, out)
+
+
+def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, options: dict) -> list[Path]:
+    from . import openvino_export as ovx
+
+    meta.runtime_precision = runtime_precision
+    prec = ctx.target.precision
+    with ctx.stages.stage("convert ONNX -> OpenVINO"):
+        model = ovx.convert_onnx(ctx.fp32_onnx)
+    xml = ctx.staged()
+    if prec == "int8":
+        with ctx.stages.stage(f"quantize INT8 (NNCF, symmetric; {len(ctx.images.calibration)} calibration images) + accuracy gate"):
+            model, best, attempts = ovx.quantize_nncf(
+                model, ctx.images.calibration, ctx.images.held_out, ctx.reference, ctx.batch, ctx.max_drop,
+                runtime_precision, ctx.threshold, ctx.note_attempt,
+            )
+        ctx.record_gate(meta, best, attempts, {"quantization": "nncf post-training, performance (symmetric) preset, transformer patterns"})
+    else:
+        with ctx.stages.stage(f"check OpenVINO ({'FP16 weights, ' if prec == 'fp16' else ''}{runtime_precision}) vs torch"):
+            probe_dir = ctx.tmp / "probe"
+            probe_dir.mkdir()
+            probe = probe_dir / xml.name
+            ovx.save_ir(model, probe, compress_to_fp16=prec == "fp16")
+            ctx.check(ovx.ov_runner(probe, runtime_precision), meta, f"openvino {prec} ({runtime_precision})")
+    ovx.embed_metadata(model, meta)
+    return ovx.save_ir(model, xml, compress_to_fp16=prec == "fp16")
+
+
+def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, options: dict) -> list[Path]:
+    from . import engine_header, quantize, tensorrt_export as trtx
+
+    source = ctx.fp32_onnx
+    if ctx.target.precision == "int8":
+        qdq = ctx.staged(ctx.final.stem + ".qdq-work.onnx")
+        with ctx.stages.stage("quantize INT8 QDQ for TensorRT (ORT, symmetric) + accuracy gate"):
+            best, attempts = quantize.quantize_onnx_int8(
+                ctx.fp32_onnx, qdq, ctx.images.calibration, ctx.images.held_out, ctx.reference,
+                ctx.batch, ctx.max_drop, ctx.threshold, ctx.note_attempt,
+            )
+        ctx.record_gate(meta, best, attempts, {"quantization": "explicit QDQ from onnxruntime static quantization"})
+        source = qdq
+    with ctx.stages.stage("TensorRT preflight"):
+        import onnx
+
+        trtx.preflight(onnx.load(str(source), load_external_data=False), dynamic=ctx.batch == 0)
+    with ctx.stages.stage(f"build TensorRT {ctx.target.precision} engine"):
+        engine, info, plan = trtx.build_engine(
+            source, ctx.target.precision, image_size=meta.input_size, batch=ctx.batch,
+            max_batch=int(options.get("max_batch", 8)), workspace_mb=options.get("workspace_mb"),
+            timing_cache=options.get("timing_cache"),
+        )
+    meta.extra.update(info.to_extra())
+    meta.extra["fp32_pinned_layers"] = len(plan)
+    if ctx.target.precision != "int8":
+        meta.float_layers = plan
+    with ctx.stages.stage("check TensorRT vs torch"):
+        ctx.check(trtx.engine_runner(engine), meta, f"tensorrt {ctx.target.precision}")
+    out = ctx.staged()
+    engine_header.write_engine(out, meta, engine)
+    return [out]
+
+
+_BUILDERS = {"onnxruntime": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt}
