@@ -1,0 +1,98 @@
+"""Datasets declared in a config: one table per source, with its modality stated explicitly.
+
+    {kind = "folder", images = "data/img", masks = "data/mask", modality = "microscopy"}
+    {kind = "release", root = "data", name = "kvasir", split = "train", modality = "colonoscopy"}
+    {kind = "csv", path = "pairs.csv", modality = "xray"}
+    {kind = "volume", image = "t1.nii.gz", mask = "brain.nii.gz", axis = 2, modality = "brain-mri"}
+    {kind = "mni152", split = "train", modality = "brain-mri"}        # reference data (nilearn)
+    {kind = "dsb2018-nuclei", split = "test", modality = "microscopy"} # reference data (committed)
+
+Common keys: `domain` ("seen"/"unseen", for evaluation summaries), `repeat` (items per sample per
+epoch, to balance datasets), `crop` ([min, max] random square crop side), `augment` (bool).
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import EspmedError
+from . import reference, sources
+from .dataset import TrainItem
+from .sources import Sample
+
+KINDS = ("folder", "release", "csv", "volume", "mni152", "dsb2018-nuclei")
+_COMMON = {"kind", "modality", "domain", "repeat", "crop", "augment"}
+_KEYS = {
+    "folder": {"images", "masks"},
+    "release": {"root", "name", "split"},
+    "csv": {"path"},
+    "volume": {"image", "mask", "axis", "slices", "min_foreground"},
+    "mni152": {"split"},
+    "dsb2018-nuclei": {"split"},
+}
+
+
+class DatasetSpecError(EspmedError):
+    """A dataset table in a config is incomplete or inconsistent."""
+
+
+def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample]:
+    """The samples a dataset table describes."""
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise DatasetSpecError(f"dataset kind {kind!r} unknown; choose from {', '.join(KINDS)}")
+    unknown = set(spec) - _COMMON - _KEYS[kind]
+    if unknown:
+        raise DatasetSpecError(f"{kind} dataset: unknown keys {sorted(unknown)}")
+    modality = spec.get("modality")
+    if not isinstance(modality, str) or not modality:
+        raise DatasetSpecError(f"{kind} dataset: 'modality' is required (it is never guessed from file names)")
+    domain = spec.get("domain", "seen")
+    if domain not in ("seen", "unseen"):
+        raise DatasetSpecError(f"{kind} dataset: domain must be 'seen' or 'unseen', got {domain!r}")
+
+    def need(key: str) -> Any:
+        if key not in spec:
+            raise DatasetSpecError(f"{kind} dataset: missing key {key!r}")
+        return spec[key]
+
+    def path(key: str) -> Path:
+        p = Path(need(key)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    if kind == "folder":
+        samples = sources.folder_layout(path("images"), path("masks"), modality, domain)
+    elif kind == "release":
+        samples = sources.release_layout(path("root"), need("name"), need("split"), modality, domain)
+    elif kind == "csv":
+        samples = sources.csv_layout(path("path"), modality, domain)
+    elif kind == "volume":
+        samples = sources.volume_layout(
+            path("image"), path("mask"), modality, int(spec.get("axis", 2)), spec.get("slices"),
+            int(spec.get("min_foreground", 1)), domain,
+        )
+    elif kind == "mni152":
+        samples = reference.mni152_slices(need("split"), modality)
+    else:
+        samples = reference.nuclei_samples(need("split"), modality)
+    if spec.get("domain") and kind in ("mni152", "dsb2018-nuclei"):
+        samples = [Sample(s.name, s.image, s.mask, s.modality, domain) for s in samples]
+    if not samples:
+        raise DatasetSpecError(f"{kind} dataset ({modality}): no samples")
+    return samples
+
+
+def train_items(spec: Mapping[str, Any], base: Path = Path(".")) -> list[TrainItem]:
+    """Training items of a dataset table: each sample `repeat` times, with its crop/augment settings."""
+    repeat = int(spec.get("repeat", 1))
+    if repeat < 1:
+        raise DatasetSpecError(f"{spec.get('kind')} dataset: repeat must be >= 1")
+    crop = spec.get("crop")
+    if crop is not None:
+        if len(crop) != 2 or not 16 <= int(crop[0]) <= int(crop[1]):
+            raise DatasetSpecError(f"{spec.get('kind')} dataset: crop must be [min, max] sides, min >= 16")
+        crop = (int(crop[0]), int(crop[1]))
+    augment = bool(spec.get("augment", True))
+    return [TrainItem(s, augment, crop) for s in load_samples(spec, base) for _ in range(repeat)]

@@ -1,0 +1,420 @@
+"""The training engine: AMP, gradient accumulation, LR schedules, exact resume, best-model export,
+JSONL metrics and torchrun/DDP (gloo on CPU, NCCL on CUDA).
+
+Run directory (`[train] out_dir`):
+  model.safetensors            best model by mean validation Dice (native format)
+  metrics.jsonl                one JSON object per optimizer step / validation
+  checkpoints/step-NNNNNNN/    training state: model.safetensors (weights + config),
+                               trainer_state.pt (optimizer, scheduler, RNG; `weights_only=True`),
+                               state.json (epoch, step, best Dice: for people and tools)
+  checkpoints/latest.json      the newest complete checkpoint (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..atomic import atomic_path, write_text
+from ..data import EpochSampler, SegmentationDataset, TrainItem
+from ..data.sources import Sample
+from ..errors import CheckpointError, EspmedError
+from ..model import ESPMedSAM, get_preset, load_checkpoint, save_checkpoint
+from .config import PARTS, RunConfig, TrainSettings
+from .evaluate import mean_dice_by_modality
+from .losses import SegmentationLoss
+
+
+# -- distributed ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise EspmedError("device 'cuda' requested but CUDA is not available")
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CPU; on CUDA bf16 where supported, else fp16; None = full precision."""
+    if amp == "none":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or device.type == "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_model(cfg: RunConfig) -> ESPMedSAM:
+    """The model a config describes, optionally initialised from a checkpoint or MobileSAM."""
+    m = cfg.model
+    try:
+        model_cfg = get_preset(
+            m.preset, image_size=m.image_size, modalities=tuple(m.modalities),
+            controller_map=tuple(m.controller_map), num_queries=m.num_queries, **dict(m.overrides),
+        )
+    except (ValueError, TypeError) as exc:
+        raise EspmedError(f"[model]: {exc}") from None
+    model = ESPMedSAM(model_cfg)
+    if m.init:
+        src = load_checkpoint(_resolve(cfg, m.init))
+        if src.config.with_(image_size=model_cfg.image_size) != model_cfg:
+            raise CheckpointError(f"{m.init}: its model config differs from [model] (preset {src.config.preset})")
+        model.load_state_dict(src.state_dict())
+    if m.mobilesam:
+        from .mobilesam import load_mobilesam_into
+
+        load_mobilesam_into(model, _resolve(cfg, m.mobilesam))
+    return model
+
+
+def _resolve(cfg: RunConfig, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() else cfg.base_dir / p
+
+
+def part_parameters(model: ESPMedSAM, part: str) -> list[nn.Parameter]:
+    if part == "trunk":
+        return model.trunk_shared_parameters()
+    if part == "controllers":
+        return [p for bank in model.controller_banks() for p in bank.parameters()]
+    return list(getattr(model, part).parameters())
+
+
+def set_trainable(model: ESPMedSAM, parts: Sequence[str]) -> list[nn.Parameter]:
+    """Freeze everything but `parts`; returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for part in parts:
+        if part not in PARTS:
+            raise EspmedError(f"unknown model part {part!r}; choose from {', '.join(PARTS)}")
+        for p in part_parameters(model, part):
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise EspmedError("nothing to train: the trainable parts have no parameters")
+    return params
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR factor: linear warmup, then cosine to `min_lr_ratio` or `gamma` per epoch."""
+    total = max(1, t.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        if t.schedule == "exponential":
+            return t.gamma ** (step / steps_per_epoch)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- RNG -----------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors/lists (loadable with `weights_only=True`)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _listify(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_dice: float = -1.0
+    best_step: int = -1
+
+
+def save_training_state(
+    run_dir: Path, model: ESPMedSAM, optimizer, scheduler, progress: Progress, keep: int = 2
+) -> Path:
+    """Write a complete training checkpoint, then point `latest.json` at it; prune old ones."""
+    ckpt_root = run_dir / "checkpoints"
+    folder = ckpt_root / f"step-{progress.global_step:07d}"
+    save_checkpoint(model, folder / "model.safetensors")
+    with atomic_path(folder / "trainer_state.pt") as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp)
+    write_text(folder / "state.json", json.dumps(progress.__dict__, indent=2))
+    write_text(ckpt_root / "latest.json", json.dumps({"checkpoint": folder.name, **progress.__dict__}, indent=2))
+    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p != folder)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return folder
+
+
+def load_training_state(run_dir: Path, model: ESPMedSAM, optimizer, scheduler) -> Progress:
+    """Restore model, optimizer, scheduler and RNG from `checkpoints/latest.json`."""
+    latest = run_dir / "checkpoints" / "latest.json"
+    if not latest.is_file():
+        raise CheckpointError(f"{latest}: no training checkpoint to resume from")
+    pointer = json.loads(latest.read_text())
+    folder = latest.parent / pointer["checkpoint"]
+    saved = load_checkpoint(folder / "model.safetensors")
+    if saved.config != model.config:
+        raise CheckpointError(f"{folder}: checkpoint model config differs from this run's model")
+    model.load_state_dict(saved.state_dict())
+    try:
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals and corrupt files raise assorted types
+        raise CheckpointError(f"{folder / 'trainer_state.pt'}: cannot load ({str(exc).splitlines()[0]})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    fields = Progress.__dataclass_fields__
+    return Progress(**{k: v for k, v in pointer.items() if k in fields})
+
+
+# -- trainer -------------------------------------------------------------------------------------
+class JsonlLog:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def train(
+    cfg: RunConfig,
+    train_items: Sequence[TrainItem],
+    valid_samples: Sequence[Sample] = (),
+    resume: bool = False,
+    show_progress: bool = True,
+    model: ESPMedSAM | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Segmentation training (stage 3). Returns a summary dict (final step, best Dice, losses).
+
+    Under torchrun each process trains on its shard of every global batch and DDP averages the
+    gradients; rank 0 alone validates, writes checkpoints and logs.
+    """
+    t = cfg.train
+    dev_kind = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+    info = init_distributed(dev_kind)
+    device = resolve_device(t.device, info)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+    model = (model if model is not None else build_model(cfg)).to(device)
+    params = set_trainable(model, t.trainable)
+    mc = model.config
+    dataset = SegmentationDataset(train_items, mc.modalities, mc.image_size, mc.preprocessing.mean, mc.preprocessing.std)
+    sampler = EpochSampler(len(dataset), t.batch_size, t.grad_accum, info.world, info.rank, t.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, drop_last=True,
+        persistent_workers=False,
+    )
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = make_scheduler(optimizer, t, sampler.steps_per_epoch)
+    run_dir = Path(t.out_dir)
+    progress = Progress()
+    if resume:
+        progress = load_training_state(run_dir, model, optimizer, scheduler)
+    net: nn.Module = model
+    if info.world > 1:
+        # A one-modality batch leaves the other controllers unused: DDP must be told.
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    criterion = SegmentationLoss(cfg.loss)
+    amp_dtype = autocast_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log = JsonlLog(run_dir / "metrics.jsonl" if info.is_main else None)
+    if info.is_main:
+        write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=list))
+    total_steps = t.epochs * sampler.steps_per_epoch
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    eval_every = t.eval_every or sampler.steps_per_epoch
+    ckpt_every = t.checkpoint_every or sampler.steps_per_epoch
+    started = time.monotonic()
+    losses: list[float] = []
+    stopped_early = False
+
+    bar_ctx = contextlib.nullcontext(None)
+    if show_progress and info.is_main:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar_ctx = Bar(TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn())
+    with bar_ctx as bar:
+        task = bar.add_task("", total=total_steps, completed=progress.global_step) if bar else None
+        while progress.global_step < total_steps and progress.epoch < t.epochs:
+            sampler.set_epoch(progress.epoch, progress.step_in_epoch)
+            model.train()
+            batches = iter(loader)
+            while progress.step_in_epoch < sampler.steps_per_epoch and progress.global_step < total_steps:
+                step_loss, parts = _optimizer_step(net, model, batches, criterion, optimizer, scaler, t, amp_dtype, device, params)
+                scheduler.step()
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                losses.append(step_loss)
+                if on_step is not None:
+                    on_step(progress.global_step, step_loss)
+                log.write({"event": "step", "step": progress.global_step, "epoch": progress.epoch,
+                           "lr": optimizer.param_groups[0]["lr"], "loss": step_loss, **parts,
+                           "elapsed_s": round(time.monotonic() - started, 2)})
+                if bar:
+                    bar.update(task, advance=1, description=f"epoch {progress.epoch + 1}/{t.epochs} loss {step_loss:.4f}")
+                epoch_done = progress.step_in_epoch == sampler.steps_per_epoch
+                if epoch_done:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                out_of_time = bool(t.max_minutes) and time.monotonic() - started > 60 * t.max_minutes
+                finished = progress.global_step >= total_steps or out_of_time
+                if valid_samples and (progress.global_step % eval_every == 0 or finished):
+                    _validate(model, valid_samples, progress, run_dir, log, info, t.batch_size)
+                if progress.global_step % ckpt_every == 0 or finished:
+                    if info.is_main:
+                        save_training_state(run_dir, model, optimizer, scheduler, progress, t.keep_checkpoints)
+                    _barrier(info)
+                if out_of_time:
+                    stopped_early = True
+                    break
+                if epoch_done:
+                    break
+            if stopped_early:
+                break
+    if not valid_samples and info.is_main:
+        save_checkpoint(model, run_dir / "model.safetensors", {"espmed.train.step": str(progress.global_step)})
+    summary = {
+        "steps": progress.global_step,
+        "epochs_completed": progress.epoch,
+        "best_valid_dice": progress.best_dice if valid_samples else None,
+        "best_step": progress.best_step if valid_samples else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "stopped_on_time_limit": stopped_early,
+        "seconds": round(time.monotonic() - started, 1),
+        "world_size": info.world,
+    }
+    return summary
+
+
+def _optimizer_step(net, model, batches, criterion, optimizer, scaler, t: TrainSettings, amp_dtype, device, params):
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, mean loss parts)."""
+    total = 0.0
+    parts_sum: dict[str, float] = {}
+    for a in range(t.grad_accum):
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        modality = batch["modality"].to(device)
+        sync = a == t.grad_accum - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else net.no_sync()):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = net(images, modality)
+            loss, parts = criterion(out, masks)
+            scaler.scale(loss / t.grad_accum).backward()
+        total += float(loss.detach()) / t.grad_accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
+    if t.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total, parts_sum
+
+
+def _validate(model, samples, progress: Progress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int) -> None:
+    if info.is_main:
+        per_modality = mean_dice_by_modality(model, samples, batch_size)
+        mean = float(np.mean(list(per_modality.values())))
+        improved = mean > progress.best_dice
+        if improved:
+            progress.best_dice, progress.best_step = mean, progress.global_step
+            save_checkpoint(model, run_dir / "model.safetensors", {
+                "espmed.train.step": str(progress.global_step),
+                "espmed.train.valid_dice": json.dumps(per_modality),
+            })
+        log.write({"event": "valid", "step": progress.global_step, "dice": per_modality, "mean_dice": mean, "best": improved})
+    if info.world > 1:
+        best = [progress.best_dice, float(progress.best_step)]
+        dist.broadcast_object_list(best, src=0)
+        progress.best_dice, progress.best_step = best[0], int(best[1])
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
