@@ -1,0 +1,153 @@
+"""Benchmark outputs: a rich table, and JSON / CSV / Markdown / PNG files in `--out` (atomic)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..atomic import atomic_path, write_text
+from .harness import BenchReport
+
+RESULT_STEM = "bench"
+
+#: Columns of the terminal table (the files have every column of `_cells`).
+TABLE_COLUMNS = (
+    "target", "status", "p50 ms", "p99 ms", "speed-up", "img/s", "cold s", "cold cached s", "peak RSS MB",
+    "size MB", "GFLOP/s", "% GEMM peak", "Dice min", "Dice mean", "max |dlogit|", "GT Dice",
+)
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _cells(r: dict) -> dict[str, str]:
+    ok = r["status"] == "ok"
+    lat = r.get("latency_ms") or {}
+    vs = r.get("vs_fp32") or {}
+    gt = r.get("ground_truth") or {}
+    return {
+        "target": r["name"],
+        "backend / precision": r["label"],
+        "status": r["status"],
+        "reason": r.get("reason") or "",
+        "p50 ms": _fmt(lat.get("p50"), ".1f"),
+        "p95 ms": _fmt(lat.get("p95"), ".1f"),
+        "p99 ms": _fmt(lat.get("p99"), ".1f"),
+        "speed-up": _fmt(r.get("speedup_vs_torch"), ".2f") + ("x" if r.get("speedup_vs_torch") else ""),
+        "img/s": _fmt(r.get("throughput_ips"), ".2f"),
+        "cold s": _fmt(r.get("cold_start_s"), ".2f"),
+        "cold cached s": _fmt(r.get("cold_start_cached_s"), ".2f"),
+        "peak RSS MB": _fmt(r.get("peak_rss_mb"), ".0f"),
+        "size MB": _fmt(r.get("artifact_mb"), ".1f"),
+        "GFLOP/s": _fmt(r.get("gflops_per_s"), ".1f"),
+        "% GEMM peak": _fmt(100 * r["gemm_peak_share"], ".0f") if r.get("gemm_peak_share") is not None else "",
+        "Dice min": _fmt(vs.get("dice_min"), ".4f"),
+        "Dice mean": _fmt(vs.get("dice_mean"), ".4f"),
+        "max |dlogit|": _fmt(vs.get("max_abs_logit_error"), ".2e"),
+        "GT Dice": _fmt(gt.get("dice_mean"), ".3f"),
+        "GT IoU": _fmt(gt.get("iou_mean"), ".3f"),
+    }
+
+
+def summary_lines(report: BenchReport) -> list[str]:
+    m, cpu, o = report.model, report.host["cpu"], report.options
+    weights = "seeded random weights" if m["weights"].get("kind") == "random" else m["checkpoint"]
+    return [
+        f"model: {m['preset']} {m['image_size']}x{m['image_size']}, {m['gflops']:.1f} GFLOPs/image, "
+        f"modality {m['modality']}, {weights}",
+        f"machine: {cpu['model']}, {cpu['logical_cores']} cores, flags {' '.join(cpu['flags'])}; "
+        f"measured FP32 GEMM peak {report.gemm['gflops']:.0f} GFLOP/s at {report.gemm['threads']} threads",
+        f"run: {o['threads']} threads, batch {o['batch']}, {o['warmup']} warm-up + {o['runs']} timed runs, "
+        f"data: {o['data']}",
+        "latency = graph call on a pre-processed image (batch 1); speed-up and accuracy are vs torch "
+        "eager FP32 measured in this run; Dice min/mean over images, mask = logit >= threshold",
+    ] + report.notes
+
+
+def rich_table(report: BenchReport):
+    from rich.table import Table
+
+    reasons = [f"{r['name']}: {r['status']}, {r['reason']}" for r in report.rows if r["status"] != "ok"]
+    caption = "\n".join(summary_lines(report) + reasons)
+    table = Table(title="espmed bench", caption=caption, caption_justify="left")
+    for k in TABLE_COLUMNS:
+        table.add_column(k, justify="left" if k in ("target", "status") else "right")
+    for r in report.rows:
+        c = _cells(r)
+        table.add_row(*(c[k] for k in TABLE_COLUMNS), style=None if r["status"] == "ok" else "dim")
+    return table
+
+
+def to_csv(report: BenchReport) -> str:
+    buf = io.StringIO()
+    rows = [_cells(r) for r in report.rows]
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["target"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(report: BenchReport, chart_name: str | None = None) -> str:
+    rows = [_cells(r) for r in report.rows]
+    keys = list(rows[0].keys()) if rows else []
+    lines = ["# espmed bench", ""]
+    lines += [f"- {line}" for line in summary_lines(report)]
+    lines += ["", "| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    for c in rows:
+        lines.append("| " + " | ".join(c[k].replace("|", "\\|") for k in keys) + " |")
+    v = report.versions
+    lines += ["", "Libraries: " + ", ".join(f"{k} {v[k]}" for k in sorted(v))]
+    if chart_name:
+        lines += ["", f"![latency vs Dice]({chart_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(report: BenchReport, path: Path) -> Path | None:
+    """Latency (p50) vs min Dice vs FP32 per backend; None when no row has both."""
+    points = [
+        (r["name"], r["latency_ms"]["p50"], r["vs_fp32"]["dice_min"])
+        for r in report.rows
+        if r["status"] == "ok" and r.get("vs_fp32")
+    ]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for name, lat, dice in points:
+        ax.scatter(lat, dice, s=60, marker="*" if name == "torch" else "o")
+        ax.annotate(name, (lat, dice), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    m = report.model
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50, ms (log scale, batch 1)")
+    ax.set_ylabel("min per-image mask Dice vs torch FP32")
+    ax.set_title(f"espmed bench: {m['preset']} {m['image_size']}px, {report.options['threads']} threads, {report.host['cpu']['model']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_all(report: BenchReport, out: Path) -> dict[str, Path]:
+    """bench.json (everything, machine and versions included), bench.csv, bench.md, bench.png."""
+    out = Path(out)
+    files = {}
+    chart = write_chart(report, out / f"{RESULT_STEM}.png")
+    if chart:
+        files["png"] = chart
+    files["csv"] = out / f"{RESULT_STEM}.csv"
+    write_text(files["csv"], to_csv(report))
+    files["md"] = out / f"{RESULT_STEM}.md"
+    write_text(files["md"], to_markdown(report, chart.name if chart else None))
+    files["json"] = out / f"{RESULT_STEM}.json"
+    report.files = {k: str(v) for k, v in files.items()}
+    write_text(files["json"], json.dumps(report.to_dict(), indent=2, default=str))
+    return files

@@ -1,0 +1,149 @@
+"""One backend, measured in a fresh process: `python -m espmed.benchmark.worker SPEC.json T0`.
+
+`T0` is the parent's wall clock just before it started this process, so the cold start below is
+process start -> first mask (interpreter start, imports, artifact load/compile, first image). The
+worker imports only numpy, `espmed.runtimes` and the backend the artifact needs (torch only for
+the torch reference), so its peak RSS is the backend's own. It writes a result JSON (and, in full
+mode, every image's mask logits at the image's own size to an `.npz`) and exits 0; on an error it
+writes `{"status": "failed", "reason": ...}` and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+
+#: Warm latency percentiles reported.
+PERCENTILES = (50, 95, 99)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image. `VmHWM` belongs to the address space made at
+    exec; `ru_maxrss` would also carry the parent's peak across fork + exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def measure(spec: dict, t0: float) -> dict:
+    import numpy as np
+
+    from espmed.atomic import atomic_open
+    from espmed.benchmark.data import read_image
+    from espmed.runtimes import load
+    from espmed.runtimes.preprocess import preprocess
+
+    t_imported = time.time()
+    seg = load(
+        spec["artifact"],
+        threads=spec.get("threads"),
+        precision=spec.get("precision"),
+        cache_dir=spec.get("cache_dir"),
+        modality=spec.get("modality"),
+        image_size=spec.get("image_size"),
+    )
+    t_loaded = time.time()
+    samples = spec["samples"]
+    first = seg.predict(read_image(samples[0]["image"]))
+    t_first = time.time()
+    result = {
+        "status": "ok",
+        "cold_start_s": t_first - t0,
+        "cold_breakdown_s": {
+            "start_and_imports": t_imported - t0,
+            "load": t_loaded - t_imported,
+            "first_mask": t_first - t_loaded,
+        },
+        "first_mask_pixels": int(first.mask.sum()),
+    }
+    if spec.get("mode") == "cold":
+        result["peak_rss_mb"] = _peak_rss_mb()
+        return result
+
+    images = [read_image(s["image"]) for s in samples]
+    logits, e2e = {}, []
+    for s, image in zip(samples, images):
+        t = time.perf_counter()
+        pred = seg.predict(image, return_logits=True)
+        e2e.append((time.perf_counter() - t) * 1e3)
+        logits[s["name"]] = pred.logits
+    with atomic_open(spec["logits"], "wb") as fh:
+        np.savez(fh, **logits)
+
+    size, meta = seg.input_size, seg.metadata
+    pre = meta.preprocessing
+    x = np.stack([preprocess(im, size, pre["mean"], pre["std"])[0] for im in images])
+    for i in range(spec["warmup"]):
+        seg.run(x[i % len(x)][None])
+    latencies = []
+    for i in range(spec["runs"]):
+        xi = x[i % len(x)][None]
+        t = time.perf_counter()
+        seg.run(xi)
+        latencies.append((time.perf_counter() - t) * 1e3)
+    lat = np.asarray(latencies)
+    batch = int(spec.get("batch", 1))
+    if batch > 1:
+        xb = np.stack([x[i % len(x)] for i in range(batch)])
+        seg.run(xb)
+        batch_times = []
+        for _ in range(max(2, spec["runs"] // batch)):
+            t = time.perf_counter()
+            seg.run(xb)
+            batch_times.append(time.perf_counter() - t)
+        throughput = batch / float(np.median(batch_times))
+    else:
+        throughput = 1e3 / float(np.median(lat))
+    result.update(
+        {
+            "latency_ms": {f"p{p}": float(np.percentile(lat, p)) for p in PERCENTILES}
+            | {"mean": float(lat.mean()), "min": float(lat.min()), "runs": len(latencies)},
+            "end_to_end_ms_mean": float(np.mean(e2e)),
+            "throughput_ips": throughput,
+            "batch": batch,
+            "peak_rss_mb": _peak_rss_mb(),
+            "runtime": {
+                "backend": type(seg).backend,
+                "target": meta.target,
+                "precision": meta.precision,
+                "inference_precision": getattr(seg, "precision", None),
+                "input_size": size,
+                "artifact_batch": meta.batch,
+                "modality": meta.modality,
+            },
+        }
+    )
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec_path, t0 = argv[0], float(argv[1])
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    try:
+        result = measure(spec, t0)
+        code = 0
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a status the parent reports
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        result = {
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {lines[0] if lines else ''}".strip(": "),
+            "traceback": traceback.format_exc(limit=8),
+        }
+        code = 1
+    from espmed.atomic import write_text
+
+    write_text(spec["result"], json.dumps(result, indent=2))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,50 @@
+"""`espmed bench`: every backend side by side (speed, memory, accuracy) in one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors; default: seeded random weights."),
+        modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to export and run (default: the model's only one, else the one the data has most masks for)."),
+        targets: str = typer.Option("all", "--targets", "-t", help="'all' or a comma-separated list, e.g. onnx,openvino-int8 (torch is always run as the reference)."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Folder of images (masks/ or samples.json for ground truth); default: the bundled samples."),
+        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32); default: the checkpoint's, or 1024."),
+        runs: int = typer.Option(10, "--runs", help="Timed warm runs per backend."),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs per backend."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Threads per backend (default: all cores)."),
+        batch: int = typer.Option(1, "--batch", help="Batch size for the throughput measurement."),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Exit 1 if any backend's min Dice vs FP32 drops by more than this."),
+        out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Folder for results and cached exports."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random weights (no --checkpoint)."),
+        preset: str = typer.Option("esp-medsam", "--preset", help="Architecture of the random weights (no --checkpoint)."),
+    ) -> None:
+        """Export and measure every backend this machine supports, each in a fresh process."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ..benchmark.harness import BenchOptions, run_benchmark
+        from ..benchmark.report import rich_table, write_all
+
+        opts = BenchOptions(
+            checkpoint=checkpoint, modality=modality, targets=targets, data=data, imgsz=imgsz, runs=runs,
+            warmup=warmup, threads=threads, batch=batch, max_drop=max_drop, out=out, seed=seed, preset=preset,
+        )
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each
+            console = Console(width=200)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+            report = run_benchmark(opts, log=lambda text: progress.console.print(text, highlight=False), progress=progress)
+        console.print(rich_table(report))
+        files = write_all(report, out)
+        console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)
+        failures = report.drop_failures(max_drop)
+        if failures:
+            typer.echo("error: accuracy drop over --max-drop " + f"{max_drop}: " + "; ".join(failures), err=True)
+            raise typer.Exit(1)

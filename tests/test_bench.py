@@ -1,0 +1,199 @@
+"""`espmed bench`: the harness on a tiny model (torch + ONNX + OpenVINO BF16), its files and exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from espmed.benchmark import harness, report
+from espmed.benchmark.data import bundled_samples_dir, list_samples
+from espmed.benchmark.machine import cpu_info
+from espmed.benchmark.metrics import dice, iou
+from espmed.benchmark.weights import random_model, sppg_threshold_gap
+from espmed.errors import EspmedError, ExportError
+from espmed.model import get_preset
+
+SIZE = 128
+TARGETS = "onnx,onnx-fp16,openvino-bf16,trt-fp32"
+
+
+def _espmed(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from espmed.cli import run; sys.argv[0] = 'espmed'; run()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Two nuclei images with ground truth and one image without (folder + masks/ layout)."""
+    src = bundled_samples_dir()
+    d = tmp_path_factory.mktemp("bench-data")
+    (d / "masks").mkdir()
+    for name in ("nuclei_dsb2018_a.png", "nuclei_dsb2018_b.png"):
+        shutil.copy(src / name, d / name)
+        shutil.copy(src / "masks" / name, d / "masks" / name)
+    shutil.copy(src / "fundus_microaneurysms.png", d / "fundus_microaneurysms.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def bench(data_dir, tmp_path_factory):
+    """One in-process run; the onnx-fp16 export is made to fail to check that the rest go on."""
+    out = tmp_path_factory.mktemp("bench-out")
+    real_export = harness.export_artifact
+
+    def failing_fp16(target, *args, **kwargs):
+        if target == "onnx-fp16":
+            raise ExportError("simulated export failure")
+        return real_export(target, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(harness, "export_artifact", failing_fp16)
+    try:
+        opts = harness.BenchOptions(
+            preset="esp-medsam-tiny", imgsz=SIZE, data=data_dir, targets=TARGETS, runs=2, warmup=1, threads=2, out=out,
+        )
+        rep = harness.run_benchmark(opts, log=lambda _: None)
+    finally:
+        mp.undo()
+    files = report.write_all(rep, out)
+    return rep, files, out
+
+
+def _row(rep, name):
+    return next(r for r in rep.rows if r["name"] == name)
+
+
+def test_every_row_has_a_status_and_failures_do_not_stop_the_rest(bench):
+    rep, _, _ = bench
+    assert [r["name"] for r in rep.rows] == ["torch", "onnx", "onnx-fp16", "openvino-bf16", "trt-fp32"]
+    assert _row(rep, "onnx-fp16")["status"] == "failed"
+    assert "simulated export failure" in _row(rep, "onnx-fp16")["reason"]
+    assert _row(rep, "trt-fp32")["status"] == "unavailable" and "GPU" in _row(rep, "trt-fp32")["reason"]
+    for name in ("torch", "onnx", "openvino-bf16"):
+        assert _row(rep, name)["status"] == "ok", _row(rep, name).get("reason")
+
+
+def test_measurements_are_sane(bench):
+    rep, _, _ = bench
+    torch_row, onnx_row, bf16_row = _row(rep, "torch"), _row(rep, "onnx"), _row(rep, "openvino-bf16")
+    for r in (torch_row, onnx_row, bf16_row):
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] and lat["runs"] == 2
+        assert r["cold_start_s"] > r["cold_breakdown_s"]["load"] > 0
+        assert 20 < r["peak_rss_mb"] < 4000 and r["artifact_mb"] > 0
+        assert r["gflops_per_s"] > 0 and 0 < r["gemm_peak_share"]
+        assert r["speedup_vs_torch"] == pytest.approx(torch_row["latency_ms"]["p50"] / r["latency_ms"]["p50"])
+    assert torch_row["speedup_vs_torch"] == 1.0
+    # the torch worker imports torch, the ONNX Runtime one must not
+    assert onnx_row["peak_rss_mb"] < torch_row["peak_rss_mb"]
+    # OpenVINO: cold start with a filled compiled-model cache measured separately
+    assert bf16_row["cold_start_cached_s"] > 0 and bf16_row["runtime"]["inference_precision"] == "bf16"
+    assert onnx_row["runtime"]["precision"] == "fp32"
+
+
+def test_accuracy_vs_fp32_and_ground_truth(bench):
+    rep, _, _ = bench
+    torch_row, onnx_row, bf16_row = _row(rep, "torch"), _row(rep, "onnx"), _row(rep, "openvino-bf16")
+    assert torch_row["vs_fp32"]["dice_min"] == 1.0 and torch_row["vs_fp32"]["max_abs_logit_error"] == 0.0
+    assert onnx_row["vs_fp32"]["dice_min"] > 0.999 and onnx_row["vs_fp32"]["max_abs_logit_error"] < 1e-3
+    assert set(onnx_row["vs_fp32"]["per_image"]) == {"nuclei_dsb2018_a", "nuclei_dsb2018_b", "fundus_microaneurysms"}
+    # BF16 compute really differs from FP32, and the logit error says so
+    assert bf16_row["vs_fp32"]["max_abs_logit_error"] > 10 * onnx_row["vs_fp32"]["max_abs_logit_error"]
+    gt = onnx_row["ground_truth"]
+    assert gt["images"] == 2 and 0.0 <= gt["iou_mean"] <= gt["dice_mean"] <= 1.0
+    assert rep.notes == [harness.RANDOM_WEIGHTS_NOTE]
+
+
+def test_output_files(bench):
+    rep, files, out = bench
+    assert set(files) == {"json", "csv", "md", "png"}
+    data = json.loads(files["json"].read_text())
+    assert data["host"]["cpu"]["logical_cores"] >= 1 and "flags" in data["host"]["cpu"]
+    assert {"torch", "onnxruntime", "openvino", "numpy"} <= set(data["versions"])
+    assert data["gemm"]["gflops"] > 1 and data["model"]["image_size"] == SIZE
+    assert data["model"]["weights"]["kind"] == "random"
+    with open(files["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["target"] for r in rows] == [r["name"] for r in rep.rows]
+    assert rows[1]["status"] == "ok" and float(rows[1]["p50 ms"]) > 0 and rows[2]["reason"]
+    md = files["md"].read_text()
+    assert "| onnx |" in md and "not clinical accuracy" in md and "![latency vs Dice](bench.png)" in md
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_reuses_exports_and_max_drop_sets_the_exit_code(bench, data_dir):
+    _, _, out = bench
+    common = ["bench", "--preset", "esp-medsam-tiny", "--imgsz", str(SIZE), "--data", str(data_dir),
+              "--targets", "onnx,openvino-bf16", "--runs", "2", "--warmup", "1", "--out", str(out)]
+    strict = _espmed(*common, "--max-drop", "0")
+    assert strict.returncode == 1, strict.stderr
+    assert "openvino-bf16: Dice drop" in strict.stderr and "Traceback" not in strict.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert all(r["export_reused"] for r in data["rows"] if r["status"] == "ok")
+    lenient = _espmed(*common, "--max-drop", "0.5")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "openvino-bf16" in lenient.stdout and "not clinical accuracy" in lenient.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--imgsz", "100"], "multiple of 32"), (["--targets", "onnx,tpu"], "unknown target(s) tpu"),
+     (["--checkpoint", "/nonexistent.safetensors"], "no such checkpoint")],
+)
+def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
+    r = _espmed("bench", "--out", str(tmp_path), *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_cpu_info_parses_flags():
+    text = "processor\t: 0\nmodel name\t: Test CPU\nphysical id\t: 0\ncore id\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    info = cpu_info(text)
+    assert info["model"] == "Test CPU" and info["physical_cores"] == 1
+    assert info["flags"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert info["avx512"] and info["vnni"] and info["bf16"] and not info["amx"]
+
+
+def test_dice_and_iou():
+    a = np.array([[1, 1, 0, 0]], bool)
+    b = np.array([[1, 0, 0, 0]], bool)
+    assert dice(a, b) == pytest.approx(2 / 3) and iou(a, b) == pytest.approx(1 / 2)
+    empty = np.zeros((2, 2), bool)
+    assert dice(empty, empty) == 1.0 and iou(empty, empty) == 1.0
+    with pytest.raises(ValueError):
+        dice(a, empty)
+
+
+def test_sppg_threshold_sits_in_a_gap():
+    logits = np.concatenate([np.linspace(-3, -1, 30), np.linspace(1, 3, 70)])
+    shift, margin = sppg_threshold_gap(logits)
+    assert shift == pytest.approx(0.0) and margin == pytest.approx(1.0)
+
+
+def test_random_weights_are_non_degenerate():
+    cfg = get_preset("esp-medsam-tiny", image_size=SIZE)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    _, rec = random_model(cfg, 0, x, "microscopy")
+    assert 0.6 <= rec["positive_patch_share"] <= 0.8 and rec["min_patch_logit_distance"] > 1e-3
+    assert 0.05 < rec["positive_mask_share"] < 0.95
+
+
+def test_target_selection_and_modality_choice():
+    rows = harness.all_rows()
+    names = [r.name for r in rows]
+    assert names[0] == "torch" and names.index("openvino-bf16") == names.index("openvino") + 1
+    assert [r.name for r in harness.select_rows("onnx", rows)] == ["torch", "onnx"]
+    with pytest.raises(EspmedError):
+        harness.select_rows("onnx,nope", rows)
+    samples = list_samples()
+    assert harness.choose_modality(("fundus", "microscopy"), samples, None, ("fundus", "microscopy")) == "microscopy"
+    assert harness.choose_modality(("fundus",), samples, None, ("fundus",)) == "fundus"
