@@ -1,8 +1,4 @@
-"""Test helpers: a small random ESP-MedSAM checkpoint exported to ONNX and OpenVINO IR.
-
-Prefers the export teammate's `espmed.export.export` when it exists; otherwise exports here with
-`torch.onnx.export` and embeds the same `ArtifactMetadata` the exporter embeds.
-"""
+"""Test helpers: a small random ESP-MedSAM checkpoint exported to ONNX and OpenVINO IR."""
 
 from __future__ import annotations
 
@@ -12,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from espmed import __version__
 from espmed.model import ESPMedSAM, get_preset, save_checkpoint
 from espmed.model.checkpoint import file_sha256
-from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
+from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, ArtifactMetadata
 
 
 def random_model(modalities=("brain", "nuclei"), seed: int = 0) -> ESPMedSAM:
@@ -38,54 +33,6 @@ def random_model(modalities=("brain", "nuclei"), seed: int = 0) -> ESPMedSAM:
 
 def write_checkpoint(path: Path, modalities=("brain", "nuclei"), seed: int = 0) -> Path:
     return save_checkpoint(random_model(modalities, seed), path)
-
-
-def metadata_for(model: ESPMedSAM, modality: str, target: str, backend: str, checkpoint: Path, batch: int) -> ArtifactMetadata:
-    cfg = model.config
-    return ArtifactMetadata(
-        target=target, backend=backend, precision="fp32", modality=modality,
-        modality_index=cfg.modality_index(modality), modalities=list(cfg.modalities),
-        input_size=cfg.image_size, batch=batch, preprocessing=cfg.preprocessing.to_dict(),
-        preset=cfg.preset, espmed_version=__version__, source_checkpoint_sha256=file_sha256(checkpoint),
-        exporter="torch.onnx dynamo (test helper)", opset=18,
-    )
-
-
-def export_onnx(checkpoint: Path, out: Path, modality: str, batch: int = 0) -> Path:
-    """ONNX file with espmed metadata; `batch=0` exports a dynamic batch axis."""
-    import onnx
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from espmed.model import load_checkpoint
-
-    model = load_checkpoint(checkpoint)
-    special = model.specialize(modality)
-    idx = model.config.modality_index(modality)
-    example = torch.zeros(batch or 2, 3, model.config.image_size, model.config.image_size)
-    graph = _IndexedGraph(special, idx)
-    dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=64)},)} if batch == 0 else {}
-    # The math SDPA kernel: the fused CPU kernel's output layout breaks the ONNX decomposition.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        torch.onnx.export(
-            graph, (example,), str(out), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            opset_version=18, dynamo=True, external_data=False, verbose=False, **dynamic,
-        )
-    proto = onnx.load(str(out))
-    meta = metadata_for(model, modality, "onnx", "onnxruntime", checkpoint, batch)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, meta.to_json()
-    onnx.save(proto, str(out))
-    return out
-
-
-class _IndexedGraph(torch.nn.Module):
-    def __init__(self, model: ESPMedSAM, index: int) -> None:
-        super().__init__()
-        self.model, self.index = model, index
-
-    def forward(self, images):
-        out = self.model(images, self.index)
-        return out.lowres_masks, out.patch_logits
 
 
 def convert_openvino(onnx_path: Path, out_xml: Path) -> Path:
@@ -112,3 +59,44 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def build_artifacts(root: Path) -> dict[str, Path]:
+    """Checkpoint (controllers for brain and nuclei), and for "brain": a dynamic-batch ONNX and
+    OpenVINO IR (the ONNX by `espmed.export.export`, with its manifest), plus a fixed batch-2 IR.
+    Built once per folder, reused across test modules."""
+    import openvino as ov
+
+    from espmed.export import export
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "checkpoint": root / "tiny.safetensors",
+        "onnx": root / "onnx" / "tiny.onnx",
+        "openvino": root / "openvino" / "tiny.xml",
+        "openvino_b2": root / "b2" / "tiny_b2.xml",
+    }
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    write_checkpoint(paths["checkpoint"])
+    export(paths["checkpoint"], "onnx", paths["onnx"], modality="brain", dynamic=True, simplify="none", progress=False)
+    paths["openvino"].parent.mkdir(exist_ok=True)
+    convert_openvino(paths["onnx"], paths["openvino"])  # the OpenVINO target is tested by export's tests
+    paths["openvino_b2"].parent.mkdir(exist_ok=True)
+    model = ov.Core().read_model(str(paths["openvino"]))
+    meta = ArtifactMetadata.from_json(model.get_rt_info(METADATA_KEY).astype(str))
+    meta.batch = 2
+    model.reshape({INPUT_NAME: [2, 3, meta.input_size, meta.input_size]})
+    model.set_rt_info(meta.to_json(), METADATA_KEY)
+    ov.save_model(model, str(paths["openvino_b2"]), compress_to_fp16=False)
+    return paths
+
+
+def fundus_crop() -> np.ndarray:
+    """A real, non-square RGB image: a 300 x 451 crop of the bundled fundus photograph."""
+    from PIL import Image
+
+    from espmed.runtimes.preprocess import to_rgb_uint8
+
+    here = Path(__file__).resolve().parents[1] / "espmed" / "assets" / "samples"
+    return to_rgb_uint8(np.asarray(Image.open(here / "fundus_retina.png")))[60:360, 30:481]
