@@ -31,10 +31,15 @@ def read_raster(path: str | Path) -> MedicalImage:
 
 
 def _read_pillow(path: Path) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own limit (checked below) replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             check_declared_size(path, (im.height, im.width, len(im.getbands())), (im.height, im.width))
             im.load()
             return _pillow_to_array(im)

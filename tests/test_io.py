@@ -1,0 +1,314 @@
+"""espmed.io: real rasters, DICOM (pydicom's bundled files) and NIfTI (nilearn's MNI152) in;
+mask/overlay PNG, NIfTI and DICOM SEG out; and the refusals with one clear error."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from espmed.errors import ImageReadError
+from espmed.io import (
+    MAX_FRAME_PIXELS,
+    read_dicom_series,
+    read_image,
+    write_dicom_seg,
+    write_mask_png,
+    write_nifti_mask,
+    write_overlay_png,
+)
+from espmed.io.dicom import group_series, read_dataset
+from espmed.io.writers import OVERLAY_COLOR, mask_contour
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.data import get_testdata_file  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[1] / "espmed" / "assets" / "samples"
+
+
+# -- rasters ---------------------------------------------------------------------------------------
+def test_png_jpeg_bmp_tiff_8_and_16_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65535, (40, 60), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    got = read_image(tmp_path / "g16.png")
+    assert got.kind == "raster" and got.frames[0].dtype == np.uint16
+    assert np.array_equal(got.frames[0], gray16)
+
+    rgba = rng.integers(0, 255, (30, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert np.array_equal(read_image(tmp_path / "rgba.png").frames[0], rgba)
+
+    rgb = rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.bmp")
+    assert np.array_equal(read_image(tmp_path / "rgb.bmp").frames[0], rgb)
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
+    assert read_image(tmp_path / "rgb.jpg").frames[0].shape == (30, 50, 3)
+
+    palette = Image.fromarray(rgb).convert("P")
+    palette.save(tmp_path / "palette.png")
+    assert read_image(tmp_path / "palette.png").frames[0].shape == (30, 50, 3)
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "g16.tif", gray16)
+    assert np.array_equal(read_image(tmp_path / "g16.tif").frames[0], gray16)
+    stack = rng.integers(0, 4000, (5, 32, 48), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tiff", stack)
+    frames = read_image(tmp_path / "stack.tiff").frames
+    assert len(frames) == 5 and np.array_equal(frames[3], stack[3])
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "rgb.tif").frames[0], rgb)
+
+
+def test_bundled_samples_read(tmp_path):
+    for png in sorted(SAMPLES.glob("*.png")):
+        image = read_image(png)
+        assert image.frames[0].ndim in (2, 3) and image.name == png.stem
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_refuses_bombs_corrupt_empty_and_non_finite_images(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_with_declared_size(60000, 60000))
+    with pytest.raises(ImageReadError, match="bomb.png"):
+        read_image(bomb)
+    side = int(MAX_FRAME_PIXELS**0.5) + 16
+    (tmp_path / "big.png").write_bytes(_png_with_declared_size(side, side))
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        read_image(tmp_path / "big.png")
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64).astype(np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ImageReadError, match="truncated.png"):
+        read_image(truncated)
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty file"):
+        read_image(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ImageReadError, match="not a readable image"):
+        read_image(tmp_path / "text.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+
+    import tifffile
+
+    nan = np.ones((16, 16), np.float32)
+    nan[3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(ImageReadError, match="NaN or Inf"):
+        read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "zero.tif", np.zeros((0, 16), np.uint8))
+    with pytest.raises(ImageReadError, match="zero.tif"):
+        read_image(tmp_path / "zero.tif")
+
+
+# -- DICOM -----------------------------------------------------------------------------------------
+def _hu_window(ds, center: float, width: float) -> np.ndarray:
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return np.clip(np.rint(((hu - (center - 0.5)) / (width - 1) + 0.5) * 255), 0, 255).astype(np.uint8)
+
+
+def test_dicom_ct_rescale_and_default_window():
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    assert "WindowCenter" not in ds  # so the CT default (L40 / W400) applies
+    image = read_image(path)
+    assert image.kind == "dicom" and len(image.frames) == 1
+    assert np.array_equal(image.frames[0], _hu_window(ds, 40, 400))
+
+
+def test_dicom_window_from_file_and_monochrome1_inversion(tmp_path):
+    path = get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    mr = read_image(path).frames[0]
+    center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    stored = ds.pixel_array.astype(np.float64)
+    expected = np.clip(np.rint(((stored - (center - 0.5)) / (width - 1) + 0.5) * 255), 0, 255).astype(np.uint8)
+    assert np.array_equal(mr, expected)
+
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    assert np.array_equal(read_image(tmp_path / "mono1.dcm").frames[0], 255 - mr)
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.RescaleSlope, ct.RescaleIntercept = 2, -2048
+    ct.save_as(tmp_path / "slope.dcm")
+    assert np.array_equal(read_image(tmp_path / "slope.dcm").frames[0], _hu_window(ct, 40, 400))
+
+
+def test_dicom_multiframe_and_colour():
+    dose = read_image(get_testdata_file("rtdose.dcm"))
+    assert len(dose.frames) == 15 and dose.frames[0].shape == (10, 10)
+    rgb = read_image(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    assert len(rgb.frames) == 2 and rgb.frames[0].shape == (100, 100, 3) and rgb.frames[0].dtype == np.uint8
+    assert not np.array_equal(rgb.frames[0], rgb.frames[1])
+
+
+def test_dicom_refusals(tmp_path):
+    with pytest.raises(ImageReadError, match="MR_truncated.dcm: cannot decode DICOM pixel data"):
+        read_image(get_testdata_file("MR_truncated.dcm"))
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 200)
+    with pytest.raises(ImageReadError, match="fake.dcm: not a DICOM file"):
+        read_image(tmp_path / "fake.dcm")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = 60000  # declared far beyond the pixel data: refused before decoding
+    ds.save_as(tmp_path / "bomb.dcm")
+    with pytest.raises(ImageReadError, match="bomb.dcm: declared frame size"):
+        read_image(tmp_path / "bomb.dcm")
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm")
+    with pytest.raises(ImageReadError, match="no pixel data"):
+        read_image(tmp_path / "nopixels.dcm")
+
+
+def make_ct_series(folder: Path, n: int = 3) -> list[Path]:
+    """n copies of pydicom's CT_small as one series (new instance UIDs, slices 5 mm apart),
+    written in reverse slice order so that sorting is exercised."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series_uid = generate_uid()
+    paths = []
+    for i in range(n):
+        ds = base.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        x, y, z = (float(v) for v in base.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * i]
+        ds.PixelData = np.ascontiguousarray(np.roll(base.pixel_array, 7 * i, axis=1)).tobytes()
+        path = folder / f"slice_{n - i:02d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_dicom_series_is_grouped_and_sorted(tmp_path):
+    paths = make_ct_series(tmp_path / "series")
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "series" / "other.dcm")
+    series, singles = group_series(sorted((tmp_path / "series").iterdir()))
+    assert len(series) == 2 and singles == []  # CT series (3) and the MR instance (1)
+    ct_paths = next(p for p in series.values() if len(p) == 3)
+    image = read_dicom_series(ct_paths)
+    assert [int(ds.InstanceNumber) for ds in image.source] == [1, 2, 3]
+    assert [str(ds.SOPInstanceUID) for ds in image.source] == [str(read_dataset(p).SOPInstanceUID) for p in paths]
+    assert len(image.frames) == 3 and not np.array_equal(image.frames[0], image.frames[1])
+
+
+def test_dicom_seg_reads_back_and_references_the_sources(tmp_path):
+    import highdicom as hd
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    mask = np.zeros((128, 128), bool)
+    mask[30:70, 40:90] = True
+    out = write_dicom_seg(tmp_path / "ct_seg.dcm", [source], [mask], modality_name="ct")
+    seg = hd.seg.segread(out)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    referenced = [ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence]
+    assert referenced == [source.SOPInstanceUID]
+    assert str(seg.StudyInstanceUID) == str(source.StudyInstanceUID)
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(source.SOPInstanceUID)], segment_numbers=[1])
+    assert np.array_equal(got[0, :, :, 0].astype(bool), mask)
+
+    series = read_dicom_series(make_ct_series(tmp_path / "series"))
+    masks = [mask, ~mask, np.zeros_like(mask)]
+    seg3 = hd.seg.segread(write_dicom_seg(tmp_path / "series_seg.dcm", series.source, masks))
+    uids = {str(ds.SOPInstanceUID) for ds in series.source}
+    assert {ref.ReferencedSOPInstanceUID for item in seg3.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence} == uids
+    for ds, expected in zip(series.source, masks):
+        got = seg3.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(ds.SOPInstanceUID)], segment_numbers=[1]
+        )[0, :, :, 0]
+        assert np.array_equal(got.astype(bool), expected)
+
+
+# -- NIfTI -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mni_path(tmp_path_factory) -> Path:
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    import nibabel as nib
+
+    path = tmp_path_factory.mktemp("nifti") / "mni152.nii.gz"
+    nib.save(nilearn_datasets.load_mni152_template(resolution=2), str(path))
+    return path
+
+
+def test_nifti_volume_slices_and_mask_keeps_affine_and_header(mni_path, tmp_path):
+    import nibabel as nib
+
+    source = nib.load(str(mni_path))
+    image = read_image(mni_path)
+    assert image.kind == "nifti" and image.name == "mni152"
+    assert len(image.frames) == source.shape[2] and image.frames[0].shape == source.shape[:2]
+    sagittal = read_image(mni_path, axis=0)
+    assert len(sagittal.frames) == source.shape[0] and sagittal.frames[0].shape == source.shape[1:]
+
+    masks = [frame > 128 for frame in image.frames]
+    out = write_nifti_mask(tmp_path / "mask.nii.gz", image, masks)
+    written = nib.load(str(out))
+    assert written.shape == source.shape
+    assert np.array_equal(written.affine, source.affine)
+    assert np.array_equal(written.header.get_zooms(), source.header.get_zooms())
+    assert written.header.get_data_dtype() == np.uint8
+    data = np.asarray(written.dataobj)
+    assert np.array_equal(data[:, :, 40], masks[40].astype(np.uint8))
+
+
+def test_nifti_refusals(tmp_path):
+    import nibabel as nib
+
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), affine), str(tmp_path / "4d.nii.gz"))
+    with pytest.raises(ImageReadError, match="4d.nii.gz: expected a 2-D or 3-D volume"):
+        read_image(tmp_path / "4d.nii.gz")
+    vol = np.ones((8, 8, 4), np.float32)
+    vol[1, 2, 3] = np.inf
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "inf.nii"))
+    with pytest.raises(ImageReadError, match="NaN or Inf"):
+        read_image(tmp_path / "inf.nii")
+    (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b" + b"junk" * 20)
+    with pytest.raises(ImageReadError, match="junk.nii.gz"):
+        read_image(tmp_path / "junk.nii.gz")
+    good = tmp_path / "good.nii"
+    nib.save(nib.Nifti1Image(np.ones((32, 32, 16), np.float32), affine), str(good))
+    (tmp_path / "short.nii").write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ImageReadError, match="short.nii"):
+        read_image(tmp_path / "short.nii")
+
+
+# -- PNG writers -----------------------------------------------------------------------------------
+def test_mask_and_overlay_png(tmp_path):
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:50] = True
+    out = write_mask_png(tmp_path / "m.png", mask)
+    assert np.array_equal(np.asarray(Image.open(out)) == 255, mask)
+
+    image = np.full((40, 60, 3), 100, np.uint8)
+    over = np.asarray(Image.open(write_overlay_png(tmp_path / "o.png", image, mask)))
+    contour = mask_contour(mask)
+    assert contour.sum() == 2 * (20 + 30) - 4  # the rectangle's one-pixel border
+    assert (over[contour] == OVERLAY_COLOR).all()
+    assert (over[~mask] == 100).all()  # background untouched
+    assert not (over[10 + 5, 20 + 5] == 100).all()  # interior tinted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "o.png"]  # no temp files left
