@@ -25,6 +25,7 @@ from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Art
 EXPORTER = "torch.onnx dynamo"
 MIN_OPSET = 17
 SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
+FOLDED_TENSOR_LIMIT = "4MB"
 #: Ops that stay FP32 in the FP16 graph: normalisation statistics, softmax, GELU's erf and the
 #: final resize overflow or lose too many bits in half precision.
 FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt")
@@ -113,7 +114,9 @@ def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
     if simplify == "onnxsim":
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(model)
+        # Without a size limit onnxsim folds each window-attention bias, expanded over all windows,
+        # into a constant (about 4x the model's size at 1024^2); 4 MB is above every real weight.
+        simplified, ok = onnxsim.simplify(model, tensor_size_threshold=FOLDED_TENSOR_LIMIT)
         if not ok:
             raise ExportError("onnxsim could not validate the simplified graph (use --simplify onnxslim or none)")
         return simplified

@@ -1,0 +1,375 @@
+"""espmed export: target table, ONNX/OpenVINO artifacts vs torch, INT8 gate, atomic writes, CLI.
+
+Everything runs on the tiny preset at 256 x 256 with the bundled real sample images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from espmed.errors import BackendUnavailableError, ExportError
+from espmed.export import TARGETS, export
+from espmed.export.accuracy import Comparison, search_float_layers
+from espmed.export.calibration import load_calibration
+from espmed.export.manifest import file_sha256, files_sha256, read_manifest
+from espmed.export.onnx_export import read_metadata as read_onnx_metadata
+from espmed.export.quantize import onnx_runner
+from espmed.model import ESPMedSAM, get_preset, save_checkpoint
+from espmed.runtimes.metadata import METADATA_KEY
+from espmed.runtimes.preprocess import preprocess
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = get_preset("esp-medsam-tiny", modalities=("fundus", "microscopy"), controller_map=(0, 1), num_queries=3)
+    model = ESPMedSAM(cfg).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Export lazily once per (target, dynamic) and share across tests."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def get(ckpt: Path, target: str, dynamic: bool = False):
+        key = (target, dynamic)
+        if key not in cache:
+            cache[key] = export(ckpt, target, root / f"{target}{'-dyn' if dynamic else ''}", modality="fundus", dynamic=dynamic, progress=False)
+        return cache[key]
+
+    return get
+
+
+def _torch_outputs(ckpt: Path, x: np.ndarray):
+    from espmed.model import load_checkpoint
+
+    model = load_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x), "fundus")
+    return out.lowres_masks.numpy(), out.patch_logits.numpy()
+
+
+def _sample_inputs(n: int) -> np.ndarray:
+    images = load_calibration(None, 256, (123.675, 116.28, 103.53), (123.675, 116.28, 103.53))
+    xs = [im.x for im in images.calibration + images.held_out][:n]
+    return np.stack(xs)
+
+
+# -- the table -----------------------------------------------------------------------------------
+def test_target_table_lists_every_format_once():
+    assert list(TARGETS) == [
+        "onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-fp16", "openvino-int8",
+        "trt-fp32", "trt-fp16", "trt-int8",
+    ]
+    for name, t in TARGETS.items():
+        assert t.name == name
+        assert t.needs_gpu == name.startswith("trt-")
+        assert t.suffix == {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[t.backend]
+        assert t.precision == (name.split("-")[1] if "-" in name else "fp32")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target": "tflite"}, "unknown export target 'tflite'"),
+        ({"target": "onnx", "runtime_precision": "bf16"}, "does not accept option(s) runtime_precision (accepted: none)"),
+        ({"target": "openvino", "workspace_mb": 64}, "accepted: runtime_precision"),
+        ({"target": "onnx", "batch": 2, "dynamic": True}, "not both"),
+        ({"target": "onnx", "batch": 0}, "batch must be >= 1"),
+        ({"target": "onnx", "out": "model.xml"}, "must end in .onnx"),
+        ({"target": "onnx", "modality": "xray"}, "unknown modality 'xray'"),
+        ({"target": "onnx", "opset": 16}, "opset 16 is too old"),
+        ({"target": "onnx", "simplify": "magic"}, "unknown simplifier"),
+    ],
+)
+def test_bad_requests_are_refused_with_one_line(tiny_ckpt, tmp_path, kwargs, message):
+    kwargs = dict(kwargs)
+    out = kwargs.pop("out", None)
+    kwargs.setdefault("modality", "fundus")
+    with pytest.raises(ExportError) as exc:
+        export(tiny_ckpt, out=tmp_path / out if out else tmp_path, progress=False, **kwargs)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]
+
+
+def test_modality_must_be_chosen_when_several(tiny_ckpt, tmp_path):
+    with pytest.raises(ExportError, match="choose one with --modality .*fundus, microscopy"):
+        export(tiny_ckpt, "onnx", tmp_path, progress=False)
+
+
+def test_tensorrt_target_without_tensorrt_is_a_clear_error(tiny_ckpt, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; the refusal path does not apply")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailableError, match="needs TensorRT 10"):
+        export(tiny_ckpt, "trt-fp16", tmp_path, modality="fundus", progress=False)
+
+
+# -- ONNX FP32 -----------------------------------------------------------------------------------
+def test_onnx_matches_torch_and_carries_metadata(tiny_ckpt, exports):
+    r = exports(tiny_ckpt, "onnx")
+    assert r.artifact.name == "tiny_fundus_onnx.onnx" and r.files == [r.artifact]
+    model = onnx.load(str(r.artifact))
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["lowres_masks", "patch_logits"]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 256, 256]
+    ops = {n.op_type for n in model.graph.node}
+    assert "LayerNormalization" in ops and not ops & {"If", "Loop", "Scan"}  # one op, no control flow
+    assert model.opset_import[0].version == 18
+
+    embedded = read_onnx_metadata(r.artifact)
+    listed, files = read_manifest(r.artifact)
+    assert embedded.to_json() == listed.to_json() == r.metadata.to_json()
+    assert files == {r.artifact.name: file_sha256(r.artifact)}
+    m = embedded
+    assert (m.target, m.backend, m.precision, m.modality, m.modality_index) == ("onnx", "onnxruntime", "fp32", "fundus", 0)
+    assert (m.input_size, m.batch, m.opset, m.simplifier) == (256, 1, 18, "onnxsim")
+    assert m.exporter == "torch.onnx dynamo" and m.preset == "esp-medsam-tiny"
+    assert m.source_checkpoint_sha256 == file_sha256(tiny_ckpt)
+    assert m.preprocessing["mean"] == [123.675, 116.28, 103.53]
+    assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m.library_versions)
+    assert m.accuracy["max_abs_lowres_logit"] < 1e-4 and min(m.accuracy["dice"]) == 1.0
+
+    x = _sample_inputs(1)
+    low, patch = onnx_runner(r.artifact)(x)
+    ref_low, ref_patch = _torch_outputs(tiny_ckpt, x)
+    assert low.shape == (1, 1, 64, 64) and patch.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(low, ref_low, atol=1e-4)
+    np.testing.assert_allclose(patch, ref_patch, atol=1e-4)
+
+
+def test_dynamic_batch_two_equals_two_single_runs(tiny_ckpt, exports):
+    r = exports(tiny_ckpt, "onnx", dynamic=True)
+    assert r.metadata.batch == 0
+    model = onnx.load(str(r.artifact))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    run = onnx_runner(r.artifact)
+    x = _sample_inputs(3)
+    low2, patch2 = run(x[:2])
+    singles = [run(x[i : i + 1]) for i in range(2)]
+    assert low2.shape == (2, 1, 64, 64)
+    assert not np.allclose(low2[0], low2[1])  # two different images
+    for i in range(2):
+        np.testing.assert_allclose(low2[i], singles[i][0][0], atol=1e-5)
+        np.testing.assert_allclose(patch2[i], singles[i][1][0], atol=1e-5)
+    low3, _ = run(x)
+    ref_low, _ = _torch_outputs(tiny_ckpt, x)
+    np.testing.assert_allclose(low3, ref_low, atol=1e-4)
+
+
+# -- FP16 / INT8 ----------------------------------------------------------------------------------
+def test_onnx_fp16_keeps_fp32_io_and_halves_weights(tiny_ckpt, exports):
+    r32, r16 = exports(tiny_ckpt, "onnx"), exports(tiny_ckpt, "onnx-fp16")
+    model = onnx.load(str(r16.artifact))
+    for v in list(model.graph.input) + list(model.graph.output):
+        assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    fp16 = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    assert fp16 > 0.5 * len(model.graph.initializer)
+    assert r16.size_bytes < 0.65 * r32.size_bytes
+    assert r16.metadata.precision == "fp16" and min(r16.metadata.accuracy["dice"]) >= 0.98
+
+
+def test_onnx_int8_is_symmetric_per_channel_qdq_with_float_layers(tiny_ckpt, exports):
+    r = exports(tiny_ckpt, "onnx-int8")
+    model = onnx.load(str(r.artifact))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert q and dq
+    for n in q + dq:  # symmetric: every zero point is 0; int8 (int32 for biases)
+        zp = inits[n.input[2]]
+        assert zp.dtype in (np.int8, np.int32) and not zp.any()
+    assert all(inits[n.input[2]].dtype == np.int8 for n in q)  # activations are int8
+    assert any(inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1 for n in dq)  # per-channel weights
+
+    meta = r.metadata
+    assert meta.precision == "int8" and "trunk.patch_embed.seq.0.bn/Conv_0" in meta.float_layers
+    assert any(n.startswith("decoder.hypernetworks") for n in meta.float_layers)
+    assert any(n.startswith("sppg.patch_head") for n in meta.float_layers)
+    # float layers really are float: the first conv's weight is not dequantized
+    first = next(n for n in model.graph.node if n.name == "trunk.patch_embed.seq.0.bn/Conv_0")
+    assert first.input[1] in inits
+    images = load_calibration(None, 256, (123.675,) * 3, (1.0,) * 3)
+    assert meta.calibration["sha256"] == files_sha256(im.path for im in images.calibration)
+    assert meta.calibration["images"] == len(images.calibration) and meta.calibration["held_out"]
+    assert min(meta.accuracy["dice"]) >= 1 - 0.02 and meta.accuracy["gate"]["chosen"] == "sensitive layers"
+    assert r.size_bytes < exports(tiny_ckpt, "onnx").size_bytes
+
+
+def _cmp(dices):
+    return Comparison([f"im{i}" for i in range(len(dices))], list(dices), 0.0, 0.0)
+
+
+def test_gate_falls_back_to_more_float_layers_then_fails_with_a_table(monkeypatch):
+    import espmed.export.accuracy as acc
+
+    levels = [("sensitive layers", ["a"]), ("+ decoder", ["a", "b"]), ("+ trunk", ["a", "b", "c"])]
+    results = {1: [0.99, 0.95], 2: [0.995, 0.985], 3: [1.0, 1.0]}
+    monkeypatch.setattr(acc, "compare", lambda runner, *a, **k: _cmp(results[runner]))
+    tried = []
+    best, attempts = search_float_layers(levels, lambda fl: tried.append(fl) or len(fl), [], [], 1, 0.02)
+    assert best.label == "+ decoder" and best.float_layers == ["a", "b"] and len(attempts) == 2
+    assert tried == [["a"], ["a", "b"]]
+
+    results.update({2: [0.9, 0.9], 3: [0.97, 0.99]})
+    with pytest.raises(ExportError) as exc:
+        search_float_layers(levels, lambda fl: len(fl), [], [], 1, 0.02)
+    text = str(exc.value)
+    assert "INT8 accuracy gate failed" in text
+    for label in ("sensitive layers", "+ decoder", "+ trunk"):
+        assert label in text
+    assert text.count("FAIL") == 3
+
+
+def test_int8_gate_failure_writes_nothing(tiny_ckpt, tmp_path):
+    import shutil
+
+    from espmed.export.calibration import default_calibration_dir
+
+    calib = tmp_path / "calib"  # one calibration + one held-out image keeps the five tries quick
+    calib.mkdir()
+    for name in ("fundus_retina.png", "nuclei_dsb2018_a.png"):
+        shutil.copy(default_calibration_dir() / name, calib / name)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="INT8 accuracy gate failed") as exc:
+        export(tiny_ckpt, "onnx-int8", out / "q.onnx", modality="fundus", calib=calib, max_drop=0.0, progress=False)
+    assert "+ whole trunk" in str(exc.value)
+    assert list(out.iterdir()) == []
+
+
+# -- OpenVINO ------------------------------------------------------------------------------------
+def test_openvino_ir_metadata_and_pinned_f32(tiny_ckpt, exports):
+    import openvino as ov
+
+    r = exports(tiny_ckpt, "openvino")
+    assert [f.suffix for f in r.files] == [".xml", ".bin"]
+    _, files = read_manifest(r.artifact)
+    assert set(files) == {r.artifact.name, r.artifact.with_suffix(".bin").name}
+    model = ov.Core().read_model(str(r.artifact))
+    embedded = json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+    assert embedded == json.loads(r.metadata.to_json())
+    assert embedded["runtime_precision"] == "f32" and embedded["backend"] == "openvino"
+    x = _sample_inputs(1)
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled({0: x})
+    ref_low, ref_patch = _torch_outputs(tiny_ckpt, x)
+    np.testing.assert_allclose(out[compiled.output(0)], ref_low, atol=1e-4)
+    np.testing.assert_allclose(out[compiled.output(1)], ref_patch, atol=1e-4)
+
+
+def test_openvino_fp16_and_int8_pass_the_dice_check(tiny_ckpt, exports):
+    r32 = exports(tiny_ckpt, "openvino")
+    r16 = exports(tiny_ckpt, "openvino-fp16")
+    r8 = exports(tiny_ckpt, "openvino-int8")
+    assert r16.size_bytes < 0.75 * r32.size_bytes
+    assert r16.metadata.runtime_precision == r8.metadata.runtime_precision == "f32"
+    for r in (r16, r8):
+        assert min(r.metadata.accuracy["dice"]) >= 0.98
+    assert r8.metadata.float_layers and r8.metadata.calibration["sha256"]
+
+
+def test_bf16_runtime_precision_must_be_f32_or_bf16(tiny_ckpt, tmp_path):
+    with pytest.raises(ExportError, match="f32 or bf16"):
+        export(tiny_ckpt, "openvino", tmp_path, modality="fundus", runtime_precision="fp8", progress=False)
+
+
+# -- atomicity -----------------------------------------------------------------------------------
+def test_failed_export_leaves_no_file_and_no_staging(tiny_ckpt, tmp_path, monkeypatch):
+    import espmed.export.onnx_export as ox
+
+    def boom(*a, **k):
+        raise ExportError("injected failure")
+
+    monkeypatch.setattr(ox, "embed_metadata", boom)
+    with pytest.raises(ExportError, match="injected failure"):
+        export(tiny_ckpt, "onnx", tmp_path / "m.onnx", modality="fundus", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_leaves_nothing_under_the_final_name(tiny_ckpt, tmp_path):
+    out = tmp_path / "killed.onnx"
+    code = (
+        "import sys; from espmed.export import export; "
+        f"export({str(tiny_ckpt)!r}, 'onnx', {str(out)!r}, modality='fundus', progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        # wait until the export has written its first (staged) file, then kill it mid-way
+        while time.time() < deadline and proc.poll() is None:
+            staged = [p for d in tmp_path.glob(".killed.onnx.*.export-tmp") for p in d.iterdir()]
+            if staged:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "export finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists() and not Path(str(out) + ".manifest.json").exists()
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".export-tmp")] == []
+
+
+def test_rerun_overwrites_cleanly_and_bf16_is_recorded_when_asked(tiny_ckpt, tmp_path):
+    first = export(tiny_ckpt, "openvino", tmp_path / "m.xml", modality="fundus", progress=False)
+    before = {p.name for p in tmp_path.iterdir()}
+    second = export(tiny_ckpt, "openvino", tmp_path / "m.xml", modality="fundus", runtime_precision="bf16", progress=False)
+    assert {p.name for p in tmp_path.iterdir()} == before == {"m.xml", "m.bin", "m.xml.manifest.json"}
+    meta, files = read_manifest(second.artifact)  # hashes verified against the files now there
+    assert meta.to_json() == second.metadata.to_json() and set(files) == {"m.xml", "m.bin"}
+    assert (first.metadata.runtime_precision, meta.runtime_precision) == ("f32", "bf16")
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def _espmed(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from espmed.cli import run; sys.argv[0] = 'espmed'; run()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_export_prints_artifact_size_and_run_command(tiny_ckpt, tmp_path):
+    r = _espmed("export", "--checkpoint", str(tiny_ckpt), "--target", "onnx", "--modality", "fundus",
+                "--dynamic", "--simplify", "onnxslim", "--out", str(tmp_path / "cli.onnx"))
+    assert r.returncode == 0, r.stderr
+    assert f"artifact: {tmp_path / 'cli.onnx'}" in r.stdout and " MB" in r.stdout
+    assert f"espmed predict IMAGE --model {tmp_path / 'cli.onnx'}" in r.stdout
+    meta = read_onnx_metadata(tmp_path / "cli.onnx")
+    assert meta.simplifier == "onnxslim" and meta.batch == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "onnx", "--modality", "fundus", "--runtime-precision", "bf16"], "does not accept option(s) runtime_precision"),
+        (["--target", "trt-fp16", "--modality", "fundus"], "TensorRT"),
+        (["--target", "onnx-int8", "--modality", "fundus", "--calib", "/nonexistent"], "calibration folder not found"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(tiny_ckpt, tmp_path, args, message):
+    if "trt-fp16" in args:
+        try:
+            import tensorrt  # noqa: F401
+            pytest.skip("TensorRT is installed here")
+        except ImportError:
+            pass
+    r = _espmed("export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:")
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == []
