@@ -13,6 +13,7 @@ Dice with a boundary tolerance in the same units as `spacing` (pixels by default
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -27,14 +28,6 @@ def segmentation_metrics(
     nsd_tolerance: float = 2.0,
 ) -> dict[str, float]:
     """Dice, IoU, HD95 and NSD of boolean (H, W) masks."""
-    import torch
-    from monai.metrics import (
-        DiceMetric,
-        HausdorffDistanceMetric,
-        MeanIoU,
-        SurfaceDiceMetric,
-    )
-
     p = np.asarray(pred).astype(bool)
     t = np.asarray(truth).astype(bool)
     if p.shape != t.shape or p.ndim != 2:
@@ -45,6 +38,16 @@ def segmentation_metrics(
     if p_empty or t_empty:
         diagonal = math.hypot(p.shape[0] * spacing[0], p.shape[1] * spacing[1])
         return {"dice": 0.0, "iou": 0.0, "hd95": diagonal, "nsd": 0.0}
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own internal use of a deprecated argument in get_mask_edges.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        return _monai_metrics(p, t, spacing, nsd_tolerance)
+
+
+def _monai_metrics(p: np.ndarray, t: np.ndarray, spacing: Sequence[float], nsd_tolerance: float) -> dict[str, float]:
+    import torch
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric
+
     yp = torch.from_numpy(p)[None, None].float()
     yt = torch.from_numpy(t)[None, None].float()
     dice = DiceMetric(include_background=True, reduction="none")(yp, yt)

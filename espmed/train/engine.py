@@ -394,6 +394,12 @@ def _optimizer_step(net, model, batches, criterion, optimizer, scaler, t: TrainS
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if isinstance(net, nn.parallel.DistributedDataParallel):  # log the global-batch loss, not this rank's
+        keys = sorted(parts_sum)
+        values = torch.tensor([total] + [parts_sum[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+        total, parts_sum = float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
     return total, parts_sum
 
 

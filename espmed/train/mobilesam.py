@@ -1,0 +1,88 @@
+"""Initialise the trunk (and neck) from a MobileSAM or TinyViT checkpoint.
+
+ESP-MedSAM's trunk is MobileSAM's TinyViT plus modality controllers, so MobileSAM's
+`image_encoder.*` keys are the release's `SemiTViT.*` keys: they go through the release mapping of
+`espmed.model.checkpoint`. A TinyViT ImageNet checkpoint (`patch_embed.*`, `layers.*`, no neck) maps
+the same way. Controllers stay as initialised (they do not exist in MobileSAM). With
+`decoder=True` MobileSAM's mask decoder transformer, upscaling, first hypernetwork MLP and the
+prompt encoder's positional encoding are loaded too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..model import ESPMedSAM
+from ..model.checkpoint import release_to_native_key
+
+#: MobileSAM / TinyViT keys with no counterpart: classification head, prompt encoder embeddings,
+#: the extra multimask hypernetworks and the IoU head.
+_IGNORED_PREFIXES = (
+    "image_encoder.norm_head.", "image_encoder.head.", "norm_head.", "head.",
+    "prompt_encoder.point_embeddings.", "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.",
+    "prompt_encoder.mask_downscaling.", "mask_decoder.iou_token.", "mask_decoder.mask_tokens.",
+    "mask_decoder.iou_prediction_head.",
+)
+
+
+def mobilesam_to_native_key(key: str) -> str | None:
+    """Native key for a MobileSAM/TinyViT key, or None when it has no counterpart."""
+    if key.startswith(_IGNORED_PREFIXES) or key.endswith("attention_bias_idxs"):
+        return None
+    if key.startswith("mask_decoder.output_hypernetworks_mlps.") and not key.startswith("mask_decoder.output_hypernetworks_mlps.0."):
+        return None
+    if key.startswith("image_encoder."):
+        key = "SemiTViT." + key[len("image_encoder."):]
+    elif key.startswith(("patch_embed.", "layers.")):
+        key = "SemiTViT." + key
+    return release_to_native_key(key)
+
+
+def read_mobilesam_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such MobileSAM/TinyViT checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals and corrupt files raise assorted types
+        raise CheckpointError(f"{path}: refused to load checkpoint safely ({str(exc).splitlines()[0]})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state_dict of tensors")
+    return obj
+
+
+def load_mobilesam_into(model: ESPMedSAM, path: str | Path, decoder: bool = False) -> list[str]:
+    """Copy MobileSAM/TinyViT weights into `model` in place; returns the native keys loaded.
+
+    Every mapped tensor must exist in the model with the same shape (MobileSAM is the release
+    width: use the `esp-medsam` preset); otherwise nothing is loaded and the error names them.
+    """
+    state = read_mobilesam_state(path)
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    wrong: list[str] = []
+    for key, value in state.items():
+        native = mobilesam_to_native_key(key)
+        if native is None or (not decoder and not native.startswith(("trunk.", "neck."))):
+            continue
+        if native not in target:
+            wrong.append(f"{key} (no {native} in the model)")
+        elif target[native].shape != value.shape:
+            wrong.append(f"{key} {tuple(value.shape)} != {tuple(target[native].shape)}")
+        else:
+            mapped[native] = value
+    if wrong:
+        more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
+        raise CheckpointError(f"{path}: does not fit this model: {'; '.join(wrong[:4])}{more}")
+    if not any(k.startswith("trunk.") for k in mapped):
+        raise CheckpointError(f"{path}: no TinyViT trunk weights found (expected image_encoder.* or layers.* keys)")
+    with torch.no_grad():
+        for k, v in mapped.items():
+            target[k].copy_(v)
+    return sorted(mapped)

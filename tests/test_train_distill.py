@@ -1,0 +1,159 @@
+"""MMDKD: SAM teacher loading (no torchvision), embedding cache, stage 1/2 behaviour, MobileSAM init."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from espmed.data.reference import mni152_slices, nuclei_samples
+from espmed.errors import CheckpointError
+from espmed.model import ESPMedSAM, get_preset
+from espmed.train.distill import distill
+from espmed.train.mobilesam import load_mobilesam_into
+from espmed.train.teacher import (
+    TeacherEmbeddings,
+    build_sam_encoder,
+    infer_sam_encoder_args,
+    load_sam_encoder,
+    module_identity,
+)
+
+TINY_TEACHER = dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=128, out_chans=32, window_size=4)
+
+
+def _student(size=128):
+    cfg = get_preset("esp-medsam-tiny", image_size=size, modalities=("brain-mri", "microscopy"), controller_map=(0, 1), num_queries=3)
+    torch.manual_seed(0)
+    return ESPMedSAM(cfg)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(1)
+    return build_sam_encoder(**TINY_TEACHER).eval()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return mni152_slices("valid")[3:9] + nuclei_samples("valid")
+
+
+def test_teacher_loads_without_torchvision_or_the_package_init():
+    code = (
+        "import sys; from espmed.train.teacher import build_sam_encoder; e = build_sam_encoder(embed_dim=32, depth=1, "
+        "num_heads=1, global_attn_indexes=(0,), img_size=64, out_chans=16); "
+        "print(type(e).__name__, 'torchvision' in sys.modules, 'segment_anything' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["ImageEncoderViT", "False", "False"], out.stderr
+
+
+def test_sam_checkpoint_loads_into_the_same_function_as_metas_encoder(tmp_path, teacher):
+    from tests.sam_oracle import import_segment_anything
+
+    path = tmp_path / "sam_tiny.pth"
+    state = {f"image_encoder.{k}": v for k, v in teacher.state_dict().items()}
+    state["prompt_encoder.no_mask_embed.weight"] = torch.zeros(1, 32)  # full-SAM files carry the rest of SAM
+    torch.save(state, path)
+    loaded, ident = load_sam_encoder(path)
+    assert len(ident) == 64 and not any(p.requires_grad for p in loaded.parameters())
+    sam = import_segment_anything()
+    from functools import partial
+
+    oracle = sam.modeling.ImageEncoderViT(
+        depth=2, embed_dim=64, img_size=128, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
+        patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=4, out_chans=32,
+    )
+    oracle.load_state_dict(teacher.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), oracle.eval()(x))
+
+
+def test_encoder_args_are_inferred_for_vit_b():
+    with torch.device("meta"):
+        vit_b = build_sam_encoder()
+    args = infer_sam_encoder_args(vit_b.state_dict())
+    assert args == {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11),
+                    "img_size": 1024, "out_chans": 256, "window_size": 14}
+
+
+def test_teacher_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such teacher checkpoint"):
+        load_sam_encoder(tmp_path / "missing.pth")
+    torch.save({"layers.0.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a SAM ViT checkpoint"):
+        load_sam_encoder(tmp_path / "other.pth")
+    torch.save({"obj": object.__new__(TeacherEmbeddings)}, tmp_path / "pickle.pth")
+    with pytest.raises(CheckpointError, match="refused to load teacher checkpoint safely"):
+        load_sam_encoder(tmp_path / "pickle.pth")
+
+
+def test_embedding_cache(tmp_path, teacher, samples):
+    ident = module_identity(teacher)
+    first = TeacherEmbeddings(teacher, ident, 128, tmp_path)
+    a = [first(s.image) for s in samples[:3]]
+    assert (first.hits, first.misses) == (0, 3) and a[0].shape == (32, 8, 8)
+    second = TeacherEmbeddings(teacher, ident, 128, tmp_path)
+    b = [second(s.image) for s in samples[:3]]
+    assert (second.hits, second.misses) == (3, 0) and all(torch.equal(x, y) for x, y in zip(a, b))
+    other = TeacherEmbeddings(teacher, "f" * 64, 128, tmp_path)
+    other(samples[0].image)
+    assert other.misses == 1  # another teacher never reuses these entries
+
+
+def test_stage1_and_stage2_losses_fall_and_stage2_keeps_the_trunk(tmp_path, teacher, samples):
+    model = _student()
+    embeddings = TeacherEmbeddings(teacher, module_identity(teacher), 128, tmp_path / "cache")
+    r1 = distill(model, samples, embeddings, None, stage1_epochs=8, batch_size=4, lr=2e-3, show_progress=False)
+    assert r1["stage1"][-1] < 0.5 * r1["stage1"][0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r2 = distill(model, samples, None, embeddings, stage2_epochs=8, batch_size=4, lr=2e-3, show_progress=False, out_dir=tmp_path / "out")
+    for ctrl in (0, 1):
+        losses = r2[f"stage2/{ctrl}"]
+        assert losses[-1] < 0.9 * losses[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".controllers.slots." in k for k in changed)  # trunk, neck, BN stats: bit-identical
+    assert any(".slots.0." in k for k in changed) and any(".slots.1." in k for k in changed)
+    assert r2["stage2_cache"] == {"hits": len(samples), "misses": len(samples)}  # stage 2 reused stage 1's entries
+    assert (tmp_path / "out" / "distilled.safetensors").is_file()
+
+
+def _as_mobilesam(model: ESPMedSAM) -> dict[str, torch.Tensor]:
+    """What a MobileSAM file of this width would hold: image_encoder.* without controllers, plus extras."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".controllers." in k:
+            continue
+        if k.startswith("trunk."):
+            state["image_encoder." + k[len("trunk."):]] = v.clone()
+        elif k.startswith("neck."):
+            state["image_encoder." + k] = v.clone()
+    state["image_encoder.head.weight"] = torch.zeros(1000, 64)
+    state["prompt_encoder.point_embeddings.0.weight"] = torch.zeros(1, 256)
+    state["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)
+    return state
+
+
+def test_mobilesam_initialises_trunk_and_neck(tmp_path):
+    source = _student(64)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save({"model": _as_mobilesam(source)}, tmp_path / "mobile_sam.pt")
+    target = _student(64)
+    keys = load_mobilesam_into(target, tmp_path / "mobile_sam.pt")
+    assert keys and all(k.startswith(("trunk.", "neck.")) for k in keys)
+    s, t = source.state_dict(), target.state_dict()
+    for k in t:
+        same = torch.equal(s[k], t[k])
+        assert same == ((k.startswith(("trunk.", "neck.")) and ".controllers." not in k) or not t[k].is_floating_point() or s[k].numel() == 0 or same)
+    assert all(torch.equal(s[k], t[k]) for k in keys)
+    assert not torch.equal(s["decoder.queries.weight"], t["decoder.queries.weight"])
+    wide = ESPMedSAM(get_preset("esp-medsam-tiny", image_size=64, embed_dims=(32, 64, 96, 128)))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_mobilesam_into(wide, tmp_path / "mobile_sam.pt")
