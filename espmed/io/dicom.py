@@ -11,6 +11,7 @@ SeriesInstanceUID, ordered along the slice normal (else by InstanceNumber).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -218,23 +219,26 @@ def write_dicom_seg(
     )
     first = sources[0]
     try:
-        seg = hd.seg.Segmentation(
-            source_images=list(sources),
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
-            series_instance_uid=hd.UID(),
-            series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="espmed",
-            manufacturer_model_name="ESP-MedSAM",
-            software_versions=__version__,
-            device_serial_number="espmed",
-            omit_empty_frames=False,
-        )
+        with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
+            warnings.simplefilter("ignore", UserWarning)
+            seg = hd.seg.Segmentation(
+                source_images=list(sources),
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[description],
+                series_instance_uid=hd.UID(),
+                series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="espmed",
+                manufacturer_model_name="ESP-MedSAM",
+                software_versions=__version__,
+                device_serial_number="espmed",
+                omit_empty_frames=False,
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ImageReadError(f"{path}: cannot build a DICOM SEG for this source ({exc})") from None
+        source = getattr(first, "filename", None) or path
+        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({exc}); use --format png") from None
     with atomic_open(path, "wb") as fh:
         seg.save_as(fh)
     return path

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..atomic import write_bytes
 
-OVERLAY_COLOR = (255, 64, 32)  # contour colour on the image
+OVERLAY_COLOR = (0, 255, 64)  # contour colour: green stands out on gray, fundus and H&E images
 OVERLAY_FILL_ALPHA = 0.25  # tint inside the mask
 
 
