@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from espmed.errors import ModalityError
+from espmed.errors import ArtifactError, ModalityError
 
 from .metadata import ArtifactMetadata
 from .preprocess import Letterbox, patch_region, preprocess, restore_logits, sigmoid
@@ -154,3 +154,15 @@ class Segmenter:
             raise ModalityError(
                 f"{self.source}: artifact was exported for modality {m.modality!r}, not {modality!r}"
             )
+
+
+def check_input_shape(path: Path, metadata: ArtifactMetadata, dims: Sequence[int | None]) -> None:
+    """The graph's input shape (None = dynamic dimension) must be what the metadata promises."""
+    s = metadata.input_size
+    expected = [metadata.batch or None, 3, s, s]
+    if len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims[1:], expected[1:])):
+        raise ArtifactError(f"{path}: graph input shape {list(dims)} does not match the metadata's (B, 3, {s}, {s})")
+    if metadata.batch and dims[0] not in (None, metadata.batch):
+        raise ArtifactError(f"{path}: graph batch {dims[0]} does not match the metadata's batch {metadata.batch}")
+    if not metadata.batch and dims[0] is not None:
+        raise ArtifactError(f"{path}: metadata says dynamic batch but the graph's batch is fixed at {dims[0]}")

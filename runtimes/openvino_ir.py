@@ -14,7 +14,7 @@ import numpy as np
 
 from espmed.errors import ArtifactError, BackendUnavailableError
 
-from .base import Segmenter
+from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
 
 #: Accepted spellings -> OpenVINO's `INFERENCE_PRECISION_HINT` values.
@@ -66,6 +66,11 @@ class OpenVinoSegmenter(Segmenter):
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
             raise ArtifactError(f"{path}: OpenVINO cannot read the IR: {_first_line(exc)}") from None
         super().__init__(read_ir_metadata(model, path), path)
+        inputs = {n: i.get_partial_shape() for i in model.inputs for n in i.get_names()}
+        if self.metadata.input_name not in inputs:
+            raise ArtifactError(f"{path}: IR has no input named {self.metadata.input_name!r}")
+        shape = inputs[self.metadata.input_name]
+        check_input_shape(path, self.metadata, [d.get_length() if d.is_static else None for d in shape])
         device = device.strip().upper()
         if device.split(":")[0].split(".")[0] not in DEVICES:
             raise BackendUnavailableError(f"unknown OpenVINO device {device!r}; choose CPU, GPU or AUTO")

@@ -11,7 +11,7 @@ import numpy as np
 
 from espmed.errors import ArtifactError, BackendUnavailableError
 
-from .base import Segmenter
+from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
 
 #: `device` argument -> execution providers, in preference order (CPU always last as fallback).
@@ -82,13 +82,14 @@ class OnnxRuntimeSegmenter(Segmenter):
         self.session = _open_session(ort, path, opts, self.providers)
         super().__init__(_metadata_of(self.session, path), path)
         names = [o.name for o in self.session.get_outputs()]
-        inputs = [i.name for i in self.session.get_inputs()]
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
         m = self.metadata
         if m.input_name not in inputs or any(n not in names for n in m.output_names):
             raise ArtifactError(
-                f"{path}: graph inputs {inputs} / outputs {names} do not match the metadata "
+                f"{path}: graph inputs {list(inputs)} / outputs {names} do not match the metadata "
                 f"({m.input_name} -> {', '.join(m.output_names)})"
             )
+        check_input_shape(path, m, [d if isinstance(d, int) else None for d in inputs[m.input_name]])
 
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lowres, patches = self.session.run(list(self.metadata.output_names), {self.metadata.input_name: x})

@@ -116,6 +116,9 @@ def test_refuses_bombs_corrupt_empty_and_non_finite_images(tmp_path):
     tifffile.imwrite(tmp_path / "nan.tif", nan)
     with pytest.raises(ImageReadError, match="NaN or Inf"):
         read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((1, 16), np.uint8))
+    with pytest.raises(ImageReadError, match="one.tif: image too small"):
+        read_image(tmp_path / "one.tif")
     tifffile.imwrite(tmp_path / "zero.tif", np.zeros((0, 16), np.uint8))
     with pytest.raises(ImageReadError, match="zero.tif"):
         read_image(tmp_path / "zero.tif")
@@ -290,6 +293,12 @@ def test_nifti_refusals(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b" + b"junk" * 20)
     with pytest.raises(ImageReadError, match="junk.nii.gz"):
         read_image(tmp_path / "junk.nii.gz")
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 100))
+    header.set_data_dtype(np.float32)
+    (tmp_path / "bomb.nii").write_bytes(bytes(header.binaryblock) + bytes(4 + 4096))
+    with pytest.raises(ImageReadError, match="bomb.nii: declared frame size"):
+        read_image(tmp_path / "bomb.nii")
     good = tmp_path / "good.nii"
     nib.save(nib.Nifti1Image(np.ones((32, 32, 16), np.float32), affine), str(good))
     (tmp_path / "short.nii").write_bytes(good.read_bytes()[:2000])

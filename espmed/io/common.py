@@ -12,6 +12,8 @@ from ..errors import ImageReadError
 
 #: Largest single frame accepted (pixels); checked against the declared size before decoding.
 MAX_FRAME_PIXELS = 1 << 27  # 134 M pixels, e.g. 11585 x 11585
+#: Smallest image side accepted (a 1-pixel image has no structure to segment).
+MIN_SIDE = 2
 #: Largest whole file/volume accepted (pixels x frames x samples), declared size.
 MAX_TOTAL_VALUES = 1 << 30
 
@@ -48,6 +50,8 @@ def check_declared_size(path: Path, shape: tuple[int, ...], frame_hw: tuple[int,
     h, w = frame_hw
     if h <= 0 or w <= 0 or any(int(s) <= 0 for s in shape):
         raise ImageReadError(f"{path}: empty image (declared size {' x '.join(str(s) for s in shape)})")
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ImageReadError(f"{path}: image too small to segment ({w} x {h} pixels)")
     if h * w > MAX_FRAME_PIXELS:
         raise ImageReadError(
             f"{path}: declared frame size {w} x {h} exceeds the {MAX_FRAME_PIXELS:,}-pixel limit "
