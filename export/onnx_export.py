@@ -25,7 +25,8 @@ from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Art
 EXPORTER = "torch.onnx dynamo"
 MIN_OPSET = 17
 SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
-FOLDED_TENSOR_LIMIT = "4MB"
+FOLDED_TENSOR_LIMIT = 4 << 20
+MAX_FOLD_GROWTH = 1.1
 #: Ops that stay FP32 in the FP16 graph: normalisation statistics, softmax, GELU's erf and the
 #: final resize overflow or lose too many bits in half precision.
 FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt")
@@ -111,20 +112,34 @@ def name_batch_dim(model: onnx.ModelProto) -> None:
 
 
 def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
+    """Simplify without letting constant folding bloat the file.
+
+    With a static batch, each window-attention bias (a small table gathered and expanded over
+    all windows) is constant, and a full fold stores it expanded: 4x the weights at 1024^2. So
+    a fold that grows the model by more than `MAX_FOLD_GROWTH` is redone without folding
+    weights (onnxsim) or without folding tensors above `FOLDED_TENSOR_LIMIT` bytes (onnxslim).
+    """
+    before = model.ByteSize()
     if simplify == "onnxsim":
         import onnxsim
 
-        # Without a size limit onnxsim folds each window-attention bias, expanded over all windows,
-        # into a constant (about 4x the model's size at 1024^2); 4 MB is above every real weight.
-        simplified, ok = onnxsim.simplify(model, tensor_size_threshold=FOLDED_TENSOR_LIMIT)
+        simplified, ok = onnxsim.simplify(_copy(model))
+        if ok and simplified.ByteSize() > MAX_FOLD_GROWTH * before:
+            simplified, ok = onnxsim.simplify(_copy(model), initializers_as_constants=False)
         if not ok:
             raise ExportError("onnxsim could not validate the simplified graph (use --simplify onnxslim or none)")
         return simplified
     if simplify == "onnxslim":
         import onnxslim
 
-        return onnxslim.slim(model)
+        return onnxslim.slim(_copy(model), size_threshold=FOLDED_TENSOR_LIMIT)
     return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    return twin
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
