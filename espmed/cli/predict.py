@@ -34,13 +34,15 @@ class Outcome:
     error: str | None = None
 
 
-def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome]]:
-    """Files as given; folders walked recursively, DICOM instances grouped into series."""
+def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome], list[Path]]:
+    """(jobs, missing inputs, ignored files): files as given; folders walked recursively (files
+    of unsupported types ignored), DICOM instances grouped into series."""
     from ..io import is_supported
     from ..io.dicom import DICOM_SUFFIXES, group_series, is_dicom_file
 
     jobs: list[Job] = []
     missing: list[Outcome] = []
+    ignored: list[Path] = []
     for item in inputs:
         if item.is_file():
             jobs.append(Job(item, [item]))
@@ -57,8 +59,14 @@ def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome]]:
             label = folder / f"series-{uid}" if len(series) > 1 else folder
             jobs.append(Job(label, paths, series=True))
         jobs.extend(Job(p, [p]) for p in singles)
-        jobs.extend(Job(p, [p]) for p in files if p not in dicom_set and is_supported(p))
-    return jobs, missing
+        for p in files:
+            if p in dicom_set:
+                continue
+            if is_supported(p):
+                jobs.append(Job(p, [p]))
+            else:
+                ignored.append(p)
+    return jobs, missing, ignored
 
 
 def output_format(requested: str, kind: str) -> str:
@@ -164,7 +172,9 @@ def register(app: typer.Typer) -> None:
         seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
                    modality=modality, image_size=imgsz)
         console.print(f"model: {seg.source.name} ({seg.backend}, {seg.metadata.target}, modality {seg.modality}, {seg.input_size} px)")
-        jobs, outcomes = collect_jobs(list(inputs))
+        jobs, outcomes, ignored = collect_jobs(list(inputs))
+        if ignored:
+            console.print(f"ignoring {len(ignored)} file(s) that are not images (e.g. {ignored[0]})", highlight=False)
         if not jobs and not outcomes:
             raise EspmedError("no supported images found in the inputs")
         out.mkdir(parents=True, exist_ok=True)
