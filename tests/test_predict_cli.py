@@ -99,3 +99,16 @@ def test_predict_errors_are_one_line_and_non_zero(artifacts, tmp_path):
 
     proc = espmed("predict", tmp_path / "nothing-here", "--model", artifacts["onnx"], "--out", tmp_path / "o")
     assert proc.returncode == 1 and "no such file or folder" in proc.stdout
+
+
+def test_predict_runs_without_torch(artifacts, tmp_path):
+    """A device installs no torch: the CLI (all its commands registered) must still predict."""
+    from .test_runtime import TORCH_BLOCKER
+
+    script = TORCH_BLOCKER + "from espmed.cli import run; run()"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "predict", str(SAMPLES / "ct_small.png"), "--model", str(artifacts["onnx"]), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ct_small_mask.png").is_file()
