@@ -51,7 +51,9 @@ class ControllerBank(nn.Module):
         )
 
     def kv(self, ctrl: int | torch.Tensor, rows: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Extra K/V token `(rows, heads, 1, hd)` and its logit bias `(rows, 1, 1, 1)`.
+        """Extra K/V token `(rows, heads, 1, hd)` and its logit bias, `(rows, 1, 1, 1)` for a mixed
+        batch or `(1, 1, 1, 1)` for one controller (broadcast, so an exported graph keeps one small
+        constant attention bias per block instead of one per window).
 
         `ctrl` is one controller index for the whole batch, or a (B,) tensor of them; `rows` =
         batch x windows, each sample's entry repeated for its `repeats` windows.
@@ -59,8 +61,7 @@ class ControllerBank(nn.Module):
         if isinstance(ctrl, int):
             c = self.slots[ctrl]
             token = c.kv_token.unsqueeze(0).expand(rows, -1, -1, -1)
-            bias = c.kv_logit_bias.view(1, 1, 1, 1).expand(rows, 1, 1, 1)
-            return token, bias
+            return token, c.kv_logit_bias.view(1, 1, 1, 1)
         tokens = torch.stack([c.kv_token for c in self.slots])[ctrl]
         biases = torch.stack([c.kv_logit_bias for c in self.slots])[ctrl]
         token = tokens.repeat_interleave(repeats, dim=0)

@@ -108,15 +108,15 @@ class WindowAttention(nn.Module):
         self.register_buffer("attention_bias_idxs", idx, persistent=False)
 
     def forward(self, x: torch.Tensor, kv_token: torch.Tensor, kv_bias: torch.Tensor) -> torch.Tensor:
-        """x: (rows, N, C) window tokens; kv_token (rows, heads, 1, hd); kv_bias (rows, 1, 1, 1)."""
+        """x: (rows, N, C) window tokens; kv_token (rows, heads, 1, hd); kv_bias (rows or 1, 1, 1, 1)."""
         rows, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(rows, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)
         k = torch.cat([k, kv_token], dim=2)
         v = torch.cat([v, kv_token], dim=2)
         pos_bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # 1, h, N, N
-        bias = torch.cat(
-            [pos_bias.expand(rows, -1, -1, -1), kv_bias.expand(rows, self.num_heads, n, 1)], dim=3
+        bias = torch.cat(  # (rows or 1, h, N, N + 1): SDPA broadcasts it over the windows
+            [pos_bias.expand(kv_bias.shape[0], -1, -1, -1), kv_bias.expand(-1, self.num_heads, n, 1)], dim=3
         )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(rows, n, -1))
