@@ -294,10 +294,11 @@ def test_bf16_runtime_precision_must_be_f32_or_bf16(tiny_ckpt, tmp_path):
 def test_failed_export_leaves_no_file_and_no_staging(tiny_ckpt, tmp_path, monkeypatch):
     import espmed.export.onnx_export as ox
 
-    def boom(*a, **k):
+    def half_written(graph, path, **kwargs):
+        path.write_bytes(b"partial onnx")  # a staged file exists when the failure hits
         raise ExportError("injected failure")
 
-    monkeypatch.setattr(ox, "embed_metadata", boom)
+    monkeypatch.setattr(ox, "export_onnx", half_written)
     with pytest.raises(ExportError, match="injected failure"):
         export(tiny_ckpt, "onnx", tmp_path / "m.onnx", modality="fundus", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -328,13 +329,15 @@ def test_killed_export_leaves_nothing_under_the_final_name(tiny_ckpt, tmp_path):
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".export-tmp")] == []
 
 
-def test_rerun_overwrites_cleanly_and_bf16_is_recorded_when_asked(tiny_ckpt, tmp_path):
-    first = export(tiny_ckpt, "openvino", tmp_path / "m.xml", modality="fundus", progress=False)
-    before = {p.name for p in tmp_path.iterdir()}
-    second = export(tiny_ckpt, "openvino", tmp_path / "m.xml", modality="fundus", runtime_precision="bf16", progress=False)
-    assert {p.name for p in tmp_path.iterdir()} == before == {"m.xml", "m.bin", "m.xml.manifest.json"}
+def test_rerun_overwrites_cleanly_and_bf16_is_recorded_when_asked(tiny_ckpt, exports):
+    first = exports(tiny_ckpt, "openvino")  # last user of the shared f32 IR: it is overwritten here
+    folder = first.artifact.parent
+    before = {p.name for p in folder.iterdir()}
+    second = export(tiny_ckpt, "openvino", first.artifact, modality="fundus", runtime_precision="bf16", progress=False)
+    names = [first.artifact.name, first.artifact.with_suffix(".bin").name]
+    assert {p.name for p in folder.iterdir()} == before == {*names, first.artifact.name + ".manifest.json"}
     meta, files = read_manifest(second.artifact)  # hashes verified against the files now there
-    assert meta.to_json() == second.metadata.to_json() and set(files) == {"m.xml", "m.bin"}
+    assert meta.to_json() == second.metadata.to_json() and set(files) == set(names)
     assert (first.metadata.runtime_precision, meta.runtime_precision) == ("f32", "bf16")
 
 
