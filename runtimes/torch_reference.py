@@ -52,8 +52,11 @@ class TorchSegmenter(Segmenter):
                     "choose one with modality=..."
                 )
             modality = available[0]
-        index = cfg.modality_index(modality)
-        self.model = model.specialize(index).eval()
+        try:
+            index = cfg.modality_index(modality)
+            self.model = model.specialize(index).eval()
+        except ModalityError as exc:  # name the checkpoint, as every other load error does
+            raise ModalityError(f"{path}: {exc}") from None
         self._index = index
         if threads is not None:
             if threads < 1:
