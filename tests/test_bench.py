@@ -177,6 +177,12 @@ def test_sppg_threshold_sits_in_a_gap():
     logits = np.concatenate([np.linspace(-3, -1, 30), np.linspace(1, 3, 70)])
     shift, margin = sppg_threshold_gap(logits)
     assert shift == pytest.approx(0.0) and margin == pytest.approx(1.0)
+    # dense logits: the threshold goes to a wide-enough gap near the 30th percentile
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(4000) * 2
+    shift, margin = sppg_threshold_gap(logits)
+    assert margin >= 2e-3 and np.min(np.abs(logits - shift)) == pytest.approx(margin)
+    assert 0.6 < np.mean(logits - shift >= 0) < 0.8
 
 
 def test_random_weights_are_non_degenerate():

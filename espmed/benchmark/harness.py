@@ -181,7 +181,7 @@ def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Cal
         path, weights = Path(opts.checkpoint), {"kind": "checkpoint"}
     else:
         from ..runtimes.preprocess import preprocess
-        from .weights import random_model
+        from .weights import SCHEME, random_model
 
         cfg = get_preset(opts.preset, image_size=opts.imgsz) if opts.imgsz else get_preset(opts.preset)
         modality = choose_modality(tuple(cfg.modalities), samples, opts.modality, cfg.modalities)
@@ -190,6 +190,7 @@ def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Cal
             "preset": cfg.preset, "image_size": cfg.image_size, "seed": opts.seed, "modality": modality,
             "images": [hashlib.sha256(Path(s.image).read_bytes()).hexdigest() for s in samples],
             "espmed": __version__,
+            "scheme": SCHEME,
         }
         tag = _sha256_text(json.dumps(key, sort_keys=True))[:12]
         path = out / "weights" / f"random-{cfg.preset}-{cfg.image_size}-seed{opts.seed}-{tag}.safetensors"
