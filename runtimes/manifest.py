@@ -41,7 +41,7 @@ def verify_manifest(artifact: str | Path) -> ArtifactMetadata | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+        raise ArtifactError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{path}: manifest lists no files")
@@ -56,8 +56,8 @@ def verify_manifest(artifact: str | Path) -> ArtifactMetadata | None:
         actual = file_sha256(member)
         if actual != expected:
             raise ArtifactError(
-                f"{member}: SHA-256 {actual[:12]}... does not match the manifest ({str(expected)[:12]}...); "
-                "the artifact was modified or is corrupt"
+                f"{member}: SHA-256 {actual[:12]}... does not match {path.name} ({str(expected)[:12]}...); "
+                f"{artifact.name} was modified or is corrupt"
             )
     if "metadata" not in data:
         raise ArtifactError(f"{path}: manifest has no metadata")

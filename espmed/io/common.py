@@ -64,6 +64,14 @@ def check_declared_size(path: Path, shape: tuple[int, ...], frame_hw: tuple[int,
         )
 
 
+def reason(exc: BaseException, limit: int = 240) -> str:
+    """A library exception as one short line: 'Type: message' with newlines folded."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def check_finite(path: Path, array: np.ndarray) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageReadError(f"{path}: image contains NaN or Inf values")

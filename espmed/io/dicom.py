@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_open
 from ..errors import ImageReadError
-from .common import MedicalImage, check_declared_size, check_finite, scale_to_uint8
+from .common import MedicalImage, check_declared_size, check_finite, reason, scale_to_uint8
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 #: Window (center, width) used when a file carries none, by Modality.
@@ -46,9 +46,9 @@ def read_dataset(path: str | Path, header_only: bool = False):
     try:
         return pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
-        raise ImageReadError(f"{path}: not a DICOM file ({exc})") from None
+        raise ImageReadError(f"{path}: not a DICOM file ({reason(exc)})") from None
     except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise ImageReadError(f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(f"{path}: corrupt DICOM file ({reason(exc)})") from None
 
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
@@ -62,7 +62,7 @@ def dicom_frames(ds, path: Path) -> list[np.ndarray]:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom: ValueError for short data, RuntimeError for no decoder, ...
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({reason(exc)})") from None
     frames = pixels if (n_frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == n_frames) else pixels[None]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
@@ -238,7 +238,7 @@ def write_dicom_seg(
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         source = getattr(first, "filename", None) or path
-        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({exc}); use --format png") from None
+        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({reason(exc)}); use --format png") from None
     with atomic_open(path, "wb") as fh:
         seg.save_as(fh)
     return path
