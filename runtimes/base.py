@@ -43,6 +43,11 @@ class Segmenter:
         self.metadata = metadata
         self.source = Path(source)
         pre = metadata.preprocessing
+        if pre.get("resize", "longest-side") != "longest-side" or pre.get("pad", "bottom-right") != "bottom-right":
+            raise ArtifactError(
+                f"{source}: unsupported preprocessing (resize {pre.get('resize')!r}, pad {pre.get('pad')!r}); "
+                "this runtime does longest-side resize with bottom-right padding"
+            )
         self._mean = tuple(float(v) for v in pre["mean"])
         self._std = tuple(float(v) for v in pre["std"])
         self._threshold = float(pre.get("mask_threshold", 0.0))
