@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_config_errors(tmp_path):
 
 def _cli(*args):
     code = "import sys; from espmed.cli import run; sys.argv[0] = 'espmed'; run()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on a shared 2-core CI box are far slower
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_cli_train_then_eval(tmp_path):

@@ -16,7 +16,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 WORKER = textwrap.dedent('''
     import json, os, sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -64,9 +65,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{config}: no [[data.train]] datasets")
         valid = _samples(cfg, "valid") if cfg.data.get("valid") else []
         summary = run_training(cfg, items, valid, resume=resume, show_progress=progress)
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
             typer.echo(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
             typer.echo(f"best model: {Path(cfg.train.out_dir) / 'model.safetensors'}")
 

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -259,19 +259,30 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
     model: ESPMedSAM | None = None,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Segmentation training (stage 3). Returns a summary dict (final step, best Dice, losses).
 
     Under torchrun each process trains on its shard of every global batch and DDP averages the
-    gradients; rank 0 alone validates, writes checkpoints and logs.
+    gradients; rank 0 alone validates, writes checkpoints and logs. `[train] threads` applies for
+    the run only: torch's thread count is restored afterwards.
     """
+    previous = torch.get_num_threads()
+    owns_group = not dist.is_initialized()
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        return _train(cfg, train_items, valid_samples, resume, show_progress, model)
+    finally:
+        torch.set_num_threads(previous)
+        if owns_group and dist.is_initialized():  # leave a process group we created, as torchrun expects
+            dist.destroy_process_group()
+
+
+def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dict:
     t = cfg.train
     dev_kind = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
     info = init_distributed(dev_kind)
     device = resolve_device(t.device, info)
-    if t.threads:
-        torch.set_num_threads(t.threads)
     seed_everything(t.seed)
     model = (model if model is not None else build_model(cfg)).to(device)
     params = set_trainable(model, t.trainable)
@@ -327,8 +338,6 @@ def train(
                 progress.step_in_epoch += 1
                 progress.global_step += 1
                 losses.append(step_loss)
-                if on_step is not None:
-                    on_step(progress.global_step, step_loss)
                 log.write({"event": "step", "step": progress.global_step, "epoch": progress.epoch,
                            "lr": optimizer.param_groups[0]["lr"], "loss": step_loss, **parts,
                            "elapsed_s": round(time.monotonic() - started, 2)})
