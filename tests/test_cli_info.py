@@ -47,3 +47,16 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "not a PyTorch checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
+    import os
+
+    from espmed.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
