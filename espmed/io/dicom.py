@@ -47,12 +47,21 @@ def read_dataset(path: str | Path, header_only: bool = False):
         return pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
         raise ImageReadError(f"{path}: not a DICOM file ({reason(exc)})") from None
-    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except Exception as exc:  # pydicom raises assorted types, e.g. a bare-Exception BytesLengthException
         raise ImageReadError(f"{path}: corrupt DICOM file ({reason(exc)})") from None
 
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
     """The instance's frames, display-scaled to uint8 (gray) or RGB uint8."""
+    try:
+        return _dicom_frames(ds, path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
+        raise ImageReadError(f"{path}: malformed DICOM header ({reason(exc)})") from None
+
+
+def _dicom_frames(ds, path: Path) -> list[np.ndarray]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
