@@ -71,10 +71,12 @@ def test_sam_checkpoint_loads_into_the_same_function_as_metas_encoder(tmp_path, 
     torch.save(state, path)
     loaded, ident = load_sam_encoder(path)
     assert len(ident) == 64 and not any(p.requires_grad for p in loaded.parameters())
-    sam = import_segment_anything()
+    import_segment_anything()
     from functools import partial
 
-    oracle = sam.modeling.ImageEncoderViT(
+    from segment_anything.modeling import ImageEncoderViT
+
+    oracle = ImageEncoderViT(
         depth=2, embed_dim=64, img_size=64, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
         patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=2, out_chans=32,
     )

@@ -301,9 +301,10 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
         progress = load_training_state(run_dir, model, optimizer, scheduler)
     net: nn.Module = model
     if info.world > 1:
-        # A one-modality batch leaves the other controllers unused: DDP must be told.
+        # A batch of one modality leaves the other controllers unused: DDP must be told.
+        some_unused = mc.num_controllers > 1 or not mc.shared_hypernetwork
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=some_unused
         )
     criterion = SegmentationLoss(cfg.loss)
     amp_dtype = autocast_dtype(t.amp, device)
