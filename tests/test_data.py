@@ -164,3 +164,30 @@ def test_train_items_repeat_and_crop():
     assert len(items) == 3 and items[0].crop == (64, 128) and items[0].augment
     with pytest.raises(DatasetSpecError, match="crop"):
         train_items({"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "crop": [8]})
+
+
+def test_volume_layout_reads_a_dicom_series_in_slice_order(tmp_path):
+    import nibabel as nib
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "series"
+    series.mkdir()
+    base = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    frames = []
+    for z in (2, 0, 1):  # written out of order: the reader sorts by ImagePositionPatient
+        ds = base.copy()
+        pixels = (base.pixel_array.astype(np.int32) + 100 * z).astype(base.pixel_array.dtype)
+        ds.PixelData = pixels.tobytes()
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        ds.save_as(series / f"slice{z}.dcm")
+        frames.append((z, pixels))
+    (series / "notes.txt").write_text("not DICOM")
+    shape = base.pixel_array.T.shape + (3,)
+    label = np.zeros(shape, np.uint8)
+    label[10:20, 5:30, 1] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "seg.nii.gz"))
+    samples = load_samples({"kind": "volume", "image": "series", "mask": "seg.nii.gz", "modality": "mri"}, base=tmp_path)
+    assert [s.name for s in samples] == ["series_ax2_001"]
+    expected = dict(frames)[1]
+    assert np.array_equal(samples[0].image, np.rot90(expected.T)) and samples[0].mask.sum() == 250
