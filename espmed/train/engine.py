@@ -192,7 +192,7 @@ def _tuplify(x):
 
 # -- checkpoints ---------------------------------------------------------------------------------
 @dataclass
-class Progress:
+class RunProgress:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
@@ -201,7 +201,7 @@ class Progress:
 
 
 def save_training_state(
-    run_dir: Path, model: ESPMedSAM, optimizer, scheduler, progress: Progress, keep: int = 2
+    run_dir: Path, model: ESPMedSAM, optimizer, scheduler, progress: RunProgress, keep: int = 2
 ) -> Path:
     """Write a complete training checkpoint, then point `latest.json` at it; prune old ones."""
     ckpt_root = run_dir / "checkpoints"
@@ -217,7 +217,7 @@ def save_training_state(
     return folder
 
 
-def load_training_state(run_dir: Path, model: ESPMedSAM, optimizer, scheduler) -> Progress:
+def load_training_state(run_dir: Path, model: ESPMedSAM, optimizer, scheduler) -> RunProgress:
     """Restore model, optimizer, scheduler and RNG from `checkpoints/latest.json`."""
     latest = run_dir / "checkpoints" / "latest.json"
     if not latest.is_file():
@@ -235,8 +235,8 @@ def load_training_state(run_dir: Path, model: ESPMedSAM, optimizer, scheduler) -
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    fields = Progress.__dataclass_fields__
-    return Progress(**{k: v for k, v in pointer.items() if k in fields})
+    fields = RunProgress.__dataclass_fields__
+    return RunProgress(**{k: v for k, v in pointer.items() if k in fields})
 
 
 # -- trainer -------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t, sampler.steps_per_epoch)
     run_dir = Path(t.out_dir)
-    progress = Progress()
+    progress = RunProgress()
     if resume:
         progress = load_training_state(run_dir, model, optimizer, scheduler)
     net: nn.Module = model
@@ -311,7 +311,7 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log = JsonlLog(run_dir / "metrics.jsonl" if info.is_main else None)
     if info.is_main:
-        write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, default=list))
+        write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     total_steps = t.epochs * sampler.steps_per_epoch
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
@@ -413,7 +413,7 @@ def _optimizer_step(net, model, batches, criterion, optimizer, scaler, t: TrainS
     return total, parts_sum
 
 
-def _validate(model, samples, progress: Progress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int) -> None:
+def _validate(model, samples, progress: RunProgress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int) -> None:
     if info.is_main:
         per_modality = mean_dice_by_modality(model, samples, batch_size)
         mean = float(np.mean(list(per_modality.values())))
