@@ -99,6 +99,11 @@ def _markdown(r: dict) -> str:
         f"Training: {r['training']['steps']} optimizer steps, {r['training']['epochs_completed']} epochs, "
         f"best validation mean Dice {r['training']['best_valid_dice']:.4f} at step {r['training']['best_step']}; "
         f"wall time {r['seconds']['total'] / 60:.1f} min total ({r['seconds']['train'] / 60:.1f} min training).",
+        "Held-out test data (disjoint from training): brain = axial MNI152 slices z = 20, 30, …, 140 (training "
+        "uses z mod 10 in {2, 3, 7, 8}, validation z mod 10 = 5); nuclei = bottom-right quadrant of the 512² DSB-2018 "
+        "image as four 128² tiles (training: left half; validation: top-right quadrant); unseen domain = coronal "
+        "brain slices (training saw axial slices only). Metrics at each image's original size, through the shared "
+        "numpy pre/post-processing.",
         "",
         "| domain | modality | images | Dice | IoU | HD95 (px) | NSD (2 px) | target | passed |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
