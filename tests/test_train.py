@@ -172,5 +172,7 @@ modality = "microscopy"
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = _cli("train", "--config", str(cfg), "--resume", "--out-dir", str(tmp_path / "fresh"))
     assert r.returncode == 2 and "no training checkpoint to resume from" in r.stderr
+    r = _cli("train", "--config", str(cfg), "--mobilesam", str(tmp_path / "mobile_sam.pt"), "--out-dir", str(tmp_path / "m"))
+    assert r.returncode == 2 and "no such MobileSAM/TinyViT checkpoint" in r.stderr
     r = _cli("eval", "--checkpoint", str(ckpt), "--images", str(tmp_path))
     assert r.returncode == 2 and "--modality" in r.stderr

@@ -26,6 +26,14 @@ def _samples(cfg, split: str):
     return [s for spec in specs for s in load_samples(spec, cfg.base_dir)]
 
 
+def _with_init(cfg, init: Path | None, mobilesam: Path | None):
+    """The config with `--init` / `--mobilesam` flags applied to its [model] table."""
+    import dataclasses
+
+    changes = {k: str(v) for k, v in (("init", init), ("mobilesam", mobilesam)) if v is not None}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes)) if changes else cfg
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
@@ -39,13 +47,12 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
         amp: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | none."),
         init: Optional[Path] = typer.Option(None, "--init", help="Start from this native checkpoint (e.g. distilled.safetensors)."),
+        mobilesam: Optional[Path] = typer.Option(None, "--mobilesam", help="Initialise trunk + neck from a MobileSAM/TinyViT checkpoint."),
         trainable: Optional[str] = typer.Option(None, help="Comma list of parts to train: trunk,controllers,neck,sppg,decoder."),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Segmentation training (MMDKD stage 3). Under `torchrun --nproc_per_node N` it runs DDP."""
-        import dataclasses
-
         from ..data import train_items
         from ..train import train as run_training
 
@@ -56,8 +63,7 @@ def register(app: typer.Typer) -> None:
             trainable=tuple(p.strip() for p in trainable.split(",")) if trainable else None,
         ).items() if v is not None}
         cfg = cfg.with_train(**changes)
-        if init is not None:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(init)))
+        cfg = _with_init(cfg, init, mobilesam)
         items = [i for spec in cfg.data.get("train", []) for i in train_items(spec, cfg.base_dir)]
         if not items:
             from ..train import ConfigError
@@ -77,13 +83,12 @@ def register(app: typer.Typer) -> None:
         stage: str = typer.Option("both", help="1, 2 or both."),
         out_dir: Path = typer.Option(Path("runs/distill"), "--out-dir", "-o", help="Writes distilled.safetensors and metrics.jsonl here."),
         init: Optional[Path] = typer.Option(None, "--init", help="Student to start from (native checkpoint), e.g. stage 1's output for stage 2."),
+        mobilesam: Optional[Path] = typer.Option(None, "--mobilesam", help="Initialise trunk + neck from a MobileSAM/TinyViT checkpoint."),
         epochs: Optional[int] = typer.Option(None, help="Epochs per stage (overrides distill.stage1_epochs / stage2_epochs)."),
         batch_size: int = typer.Option(4, "--batch-size"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """MMDKD stages 1 (shared trunk from SAM) and 2 (one controller at a time, trunk frozen)."""
-        import dataclasses
-
         from ..train import ConfigError, build_model
         from ..train.distill import distill as run_distill
         from ..train.teacher import TeacherEmbeddings, load_sam_encoder
@@ -95,8 +100,7 @@ def register(app: typer.Typer) -> None:
         first = teacher_checkpoint or (Path(d.teacher_checkpoint) if d.teacher_checkpoint else None)
         if first is None:
             raise ConfigError("no teacher: pass --teacher-checkpoint (a SAM ViT .pth) or set [distill] teacher_checkpoint")
-        if init is not None:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(init)))
+        cfg = _with_init(cfg, init, mobilesam)
         model = build_model(cfg)
         samples = _samples(cfg, "train")
 
