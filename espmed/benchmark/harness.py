@@ -371,6 +371,10 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
     gemm = machine.gemm_peak_gflops(threads)
     step("model")
     model = prepare_model(opts, samples, out, log)
+    if opts.checkpoint is not None and any(s.modality == model["modality"] for s in samples):
+        # A trained model is judged on images of its modality; random weights on every image.
+        samples = [s for s in samples if s.modality in (model["modality"], None)]
+    model["images"] = [s.name for s in samples]
     notes = [RANDOM_WEIGHTS_NOTE] if opts.checkpoint is None else []
     if notes:
         log(notes[0])
@@ -442,6 +446,10 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
         results.append(rec)
         step(f"{row.name}: done")
 
+    # The GEMM peak is the best of a measurement before and after the backends, so that a
+    # neighbour's load during one of them does not deflate it.
+    gemm_after = machine.gemm_peak_gflops(threads)
+    gemm = {**max(gemm, gemm_after, key=lambda g: g["gflops"]), "measurements": [gemm["gflops"], gemm_after["gflops"]]}
     _add_accuracy(results, model, samples, work)
     _add_ratios(results, model, gemm)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}

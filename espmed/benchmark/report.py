@@ -23,8 +23,8 @@ def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def _cells(r: dict) -> dict[str, str]:
-    ok = r["status"] == "ok"
+def _fields(r: dict) -> dict:
+    """The raw values of one row, in column order (what the CSV holds)."""
     lat = r.get("latency_ms") or {}
     vs = r.get("vs_fp32") or {}
     gt = r.get("ground_truth") or {}
@@ -33,23 +33,38 @@ def _cells(r: dict) -> dict[str, str]:
         "backend / precision": r["label"],
         "status": r["status"],
         "reason": r.get("reason") or "",
-        "p50 ms": _fmt(lat.get("p50"), ".1f"),
-        "p95 ms": _fmt(lat.get("p95"), ".1f"),
-        "p99 ms": _fmt(lat.get("p99"), ".1f"),
-        "speed-up": _fmt(r.get("speedup_vs_torch"), ".2f") + ("x" if r.get("speedup_vs_torch") else ""),
-        "img/s": _fmt(r.get("throughput_ips"), ".2f"),
-        "cold s": _fmt(r.get("cold_start_s"), ".2f"),
-        "cold cached s": _fmt(r.get("cold_start_cached_s"), ".2f"),
-        "peak RSS MB": _fmt(r.get("peak_rss_mb"), ".0f"),
-        "size MB": _fmt(r.get("artifact_mb"), ".1f"),
-        "GFLOP/s": _fmt(r.get("gflops_per_s"), ".1f"),
-        "% GEMM peak": _fmt(100 * r["gemm_peak_share"], ".0f") if r.get("gemm_peak_share") is not None else "",
-        "Dice min": _fmt(vs.get("dice_min"), ".4f"),
-        "Dice mean": _fmt(vs.get("dice_mean"), ".4f"),
-        "max |dlogit|": _fmt(vs.get("max_abs_logit_error"), ".2e"),
-        "GT Dice": _fmt(gt.get("dice_mean"), ".3f"),
-        "GT IoU": _fmt(gt.get("iou_mean"), ".3f"),
+        "p50 ms": lat.get("p50"),
+        "p95 ms": lat.get("p95"),
+        "p99 ms": lat.get("p99"),
+        "speed-up": r.get("speedup_vs_torch"),
+        "img/s": r.get("throughput_ips"),
+        "cold s": r.get("cold_start_s"),
+        "cold cached s": r.get("cold_start_cached_s"),
+        "peak RSS MB": r.get("peak_rss_mb"),
+        "size MB": r.get("artifact_mb"),
+        "GFLOP/s": r.get("gflops_per_s"),
+        "% GEMM peak": 100 * r["gemm_peak_share"] if r.get("gemm_peak_share") is not None else None,
+        "Dice min": vs.get("dice_min"),
+        "Dice mean": vs.get("dice_mean"),
+        "max |dlogit|": vs.get("max_abs_logit_error"),
+        "GT Dice": gt.get("dice_mean"),
+        "GT IoU": gt.get("iou_mean"),
     }
+
+
+_FORMATS = {
+    "p50 ms": ".1f", "p95 ms": ".1f", "p99 ms": ".1f", "speed-up": ".2f", "img/s": ".2f", "cold s": ".2f",
+    "cold cached s": ".2f", "peak RSS MB": ".0f", "size MB": ".1f", "GFLOP/s": ".1f", "% GEMM peak": ".0f",
+    "Dice min": ".4f", "Dice mean": ".4f", "max |dlogit|": ".2e", "GT Dice": ".3f", "GT IoU": ".3f",
+}
+
+
+def _cells(r: dict) -> dict[str, str]:
+    """One row formatted for the terminal and Markdown tables."""
+    cells = {k: (_fmt(v, _FORMATS[k]) if k in _FORMATS else str(v)) for k, v in _fields(r).items()}
+    if cells["speed-up"]:
+        cells["speed-up"] += "x"
+    return cells
 
 
 def summary_lines(report: BenchReport) -> list[str]:
@@ -61,7 +76,7 @@ def summary_lines(report: BenchReport) -> list[str]:
         f"machine: {cpu['model']}, {cpu['logical_cores']} cores, flags {' '.join(cpu['flags'])}; "
         f"measured FP32 GEMM peak {report.gemm['gflops']:.0f} GFLOP/s at {report.gemm['threads']} threads",
         f"run: {o['threads']} threads, batch {o['batch']}, {o['warmup']} warm-up + {o['runs']} timed runs, "
-        f"data: {o['data']}",
+        f"data: {o['data']}, {len(m['images'])} images ({', '.join(m['images'])})",
         "latency = graph call on a pre-processed image (batch 1); speed-up and accuracy are vs torch "
         "eager FP32 measured in this run; Dice min/mean over images, mask = logit >= threshold",
     ] + report.notes
@@ -83,7 +98,7 @@ def rich_table(report: BenchReport):
 
 def to_csv(report: BenchReport) -> str:
     buf = io.StringIO()
-    rows = [_cells(r) for r in report.rows]
+    rows = [{k: ("" if v is None else v) for k, v in _fields(r).items()} for r in report.rows]
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["target"])
     writer.writeheader()
     writer.writerows(rows)
@@ -129,6 +144,8 @@ def write_chart(report: BenchReport, path: Path) -> Path | None:
     ax.set_ylabel("min per-image mask Dice vs torch FP32")
     ax.set_title(f"espmed bench: {m['preset']} {m['image_size']}px, {report.options['threads']} threads, {report.host['cpu']['model']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    low = min(d for _, _, d in points)
+    ax.set_ylim(min(low - 0.01, 0.98), 1.002)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
