@@ -250,7 +250,7 @@ def test_int8_gate_failure_writes_nothing(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="INT8 accuracy gate failed") as exc:
         export(tiny_ckpt, "onnx-int8", out / "q.onnx", modality="fundus", calib=calib, max_drop=0.0, progress=False)
-    assert "+ whole trunk" in str(exc.value)
+    assert "+ trunk stages 2-4" in str(exc.value)
     assert list(out.iterdir()) == []
 
 
