@@ -73,6 +73,8 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
                 raise ImageReadError(f"{path}: TIFF series has no Y/X axes (axes {axes})")
             check_declared_size(path, shape, (shape[axes.index("Y")], shape[axes.index("X")]))
             data = series.asarray()
+            if tuple(data.shape) != shape:  # tifffile logs, then returns what it could decode
+                raise ImageReadError(f"{path}: TIFF pixel data does not fill its declared shape {shape} (truncated or corrupt)")
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
