@@ -29,7 +29,7 @@ from espmed.errors import ImageReadError  # noqa: E402
 from espmed.io import read_image  # noqa: E402
 from espmed.runtimes.preprocess import preprocess, restore_logits, to_rgb_uint8  # noqa: E402
 
-EXAMPLES = int(os.environ.get("ESPMED_FUZZ_EXAMPLES", "250"))
+EXAMPLES = int(os.environ.get("ESPMED_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=timedelta(seconds=5),
