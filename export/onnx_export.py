@@ -123,17 +123,44 @@ def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
     if simplify == "onnxsim":
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(_copy(model))
+        # MatMul+Add stay two nodes (ONNX Runtime fuses them itself): a fused Gemm gets a
+        # fresh name, losing the module path that float-layer lists and plans refer to.
+        skip = ["fuse_matmul_add_bias_into_gemm"]
+        simplified, ok = onnxsim.simplify(_copy(model), skipped_optimizers=skip)
         if ok and simplified.ByteSize() > MAX_FOLD_GROWTH * before:
-            simplified, ok = onnxsim.simplify(_copy(model), initializers_as_constants=False)
+            simplified, ok = onnxsim.simplify(_copy(model), skipped_optimizers=skip, initializers_as_constants=False)
         if not ok:
             raise ExportError("onnxsim could not validate the simplified graph (use --simplify onnxslim or none)")
+        name_new_nodes(simplified)
         return simplified
     if simplify == "onnxslim":
         import onnxslim
 
-        return onnxslim.slim(_copy(model), size_threshold=FOLDED_TENSOR_LIMIT)
+        slimmed = onnxslim.slim(_copy(model), size_threshold=FOLDED_TENSOR_LIMIT)
+        name_new_nodes(slimmed)
+        return slimmed
     return model
+
+
+def name_new_nodes(model: onnx.ModelProto) -> None:
+    """Give nodes a simplifier created (no `<module>/` prefix) the module of a neighbour."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    used = {n.name for n in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if "/" in node.name:
+            continue
+        neighbours = [producer[x] for x in node.input if x in producer]
+        neighbours += [c for o in node.output for c in consumers.get(o, [])]
+        module = next((node_module(n.name) for n in neighbours if "/" in n.name), "graph")
+        name = f"{module}/{node.op_type}_s{i}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        node.name = name
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -22,10 +22,11 @@ from .calibration import CalibrationImage
 from .quantize import FLOAT_LEVELS
 
 RUNTIME_PRECISIONS = ("f32", "bf16")
-#: OpenVINO op types that NNCF quantizes (weights and inputs) in this graph. The converter fuses
-#: each attention into one ScaledDotProductAttention op, whose quantized inputs cost the most
-#: Dice; it is named after its module like every other op, so the attention levels cover it.
-QUANTIZABLE_OV_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul", "ScaledDotProductAttention")
+#: OpenVINO op types that NNCF quantizes (weights and inputs) in this graph.
+QUANTIZABLE_OV_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+#: Always float: the converter fuses each attention (Softmax included) into one op, and
+#: quantizing its inputs cost up to 2.5 points of Dice that no other fallback recovered.
+FLOAT_OV_TYPES = ("ScaledDotProductAttention",)
 
 
 def convert_onnx(onnx_path: Path):
@@ -76,12 +77,12 @@ def ov_runner(model, precision: str = "f32") -> Runner:
     return run
 
 
-def quantizable_ops(model) -> list[str]:
-    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV_TYPES]
+def ops_of_types(model, types: Sequence[str]) -> list[str]:
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in types]
 
 
-def float_levels(names: Sequence[str]) -> list[tuple[str, list[str]]]:
-    levels, keep = [], set()
+def float_levels(names: Sequence[str], always_float: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    levels, keep = [], set(always_float)
     for label, pattern in FLOAT_LEVELS:
         rx = re.compile(pattern)
         keep |= {n for n in names if rx.search(n)}
@@ -101,7 +102,8 @@ def quantize_nncf(
     on_attempt: Callable[[Attempt], None] | None = None,
 ):
     """NNCF post-training INT8 (symmetric 'performance' preset, transformer patterns keep
-    Softmax/LayerNorm/GELU float), with the same float-layer fallback as ONNX Runtime.
+    Softmax/LayerNorm/GELU float; fused attention ops stay float), with the same float-layer
+    fallback as ONNX Runtime.
     Returns (quantized ov.Model, passing attempt, all attempts)."""
     import logging
 
@@ -118,12 +120,12 @@ def quantize_nncf(
             preset=nncf.QuantizationPreset.PERFORMANCE,
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=list(float_layers), validate=False),
+            ignored_scope=nncf.IgnoredScope(names=list(float_layers), types=list(FLOAT_OV_TYPES), validate=False),
         )
         last[:] = [model]
         return ov_runner(model, precision)
 
     best, attempts = search_float_layers(
-        float_levels(quantizable_ops(fp32_model)), quantize, reference, held_out, batch, max_drop, threshold, on_attempt
+        float_levels(ops_of_types(fp32_model, QUANTIZABLE_OV_TYPES), ops_of_types(fp32_model, FLOAT_OV_TYPES)), quantize, reference, held_out, batch, max_drop, threshold, on_attempt
     )
     return last[0], best, attempts
