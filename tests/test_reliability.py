@@ -55,6 +55,75 @@ def segmenter(context):
 
 
 @pytest.fixture(scope="module")
+def image_cli(context, tmp_path_factory) -> dict[str, tuple]:
+    """One `espmed predict` over all refused image inputs, one over all converted ones.
+
+    Each file gets its own line in the summary; batching keeps the suite fast (one process start
+    instead of one per file). {expect: (completed process, {entry name: path}, output folder)}.
+    """
+    root = tmp_path_factory.mktemp("image-corpus")
+    runs = {}
+    for expect in ("refused", "converted"):
+        entries = [b for b in CORPUS if b.kind == "image" and b.expect == expect]
+        paths = {}
+        for i, entry in enumerate(entries):
+            d = root / expect / f"{i:02d}"
+            d.mkdir(parents=True)
+            paths[entry.name] = entry.build(d, context).path
+        out = root / f"out-{expect}"
+        runs[expect] = (espmed("predict", *paths.values(), "--model", context.onnx, "--out", out), paths, out)
+    return runs
+
+
+#: Runs several CLI commands through the real entry point (`espmed.cli.run`) in one process, so
+#: torch is imported once; each command's exit code, stdout and stderr are recorded apart.
+CLI_DRIVER = """
+import contextlib, io, json, sys, traceback
+from espmed.cli import run
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["espmed", *argv]
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint_cli(context, tmp_path_factory) -> dict[str, tuple]:
+    """`espmed info -c` and `espmed export -c` on every bad checkpoint.
+
+    {entry name: (case, [info result, export result], export output folder)}.
+    """
+    import json
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("checkpoint-corpus")
+    cases, commands = {}, []
+    for i, entry in enumerate(b for b in CORPUS if b.kind == "checkpoint"):
+        d = root / f"{i:02d}"
+        d.mkdir()
+        case = entry.build(d, context)
+        out = d / "out"
+        cases[entry.name] = (case, out)
+        commands += [["info", "-c", str(case.path)],
+                     ["export", "-c", str(case.path), "-t", "onnx", "--simplify", "none", "-o", str(out / "model.onnx")]]
+    proc = subprocess.run([sys.executable, "-c", CLI_DRIVER, json.dumps(commands)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = [SimpleNamespace(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return {name: (case, results[2 * i : 2 * i + 2], out) for i, (name, (case, out)) in enumerate(cases.items())}
+
+
+@pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     rows: list[dict] = []
     yield rows
@@ -108,7 +177,7 @@ def run_library(entry, case: Case, ctx: Context, seg) -> str:
 
 
 @pytest.mark.parametrize("entry", CORPUS, ids=[b.name for b in CORPUS])
-def test_bad_input(entry, context, segmenter, outcomes, tmp_path):
+def test_bad_input(entry, context, segmenter, outcomes, image_cli, checkpoint_cli, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     case = entry.build(d, context)
@@ -130,37 +199,36 @@ def test_bad_input(entry, context, segmenter, outcomes, tmp_path):
         assert not case.marker.exists(), "the pickled payload ran"
 
     # CLI: exit code, one error line, no traceback, no output file.
-    row["cli"] = ", ".join(str(rc) for rc in run_cli(entry, case, context, tmp_path))
-    if case.marker is not None:
-        assert not case.marker.exists(), "the pickled payload ran under the CLI"
+    row["cli"] = ", ".join(str(rc) for rc in run_cli(entry, case, context, image_cli, checkpoint_cli, tmp_path))
     outcomes.append(row)
 
 
-def run_cli(entry, case: Case, ctx: Context, tmp_path: Path) -> list[int]:
+def run_cli(entry, case: Case, ctx: Context, image_cli: dict, checkpoint_cli: dict, tmp_path: Path) -> list[int]:
     out = tmp_path / "out"
-    refused = entry.expect == "refused"
     if entry.kind == "image":
-        proc = espmed("predict", case.path, "--model", ctx.onnx, "--out", out)
+        proc, paths, out = image_cli[entry.expect]
+        path, n = paths[entry.name], len(paths)
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-        if refused:
+        if entry.expect == "refused":
             assert proc.returncode == 1, proc.stdout + proc.stderr
-            failed = [line for line in proc.stdout.splitlines() if line.startswith("failed ")]
-            assert len(failed) == 1 and case.path.name in failed[0], proc.stdout
-            assert "0 segmented, 1 failed" in proc.stdout
+            assert f"0 segmented, {n} failed" in proc.stdout, proc.stdout
+            failed = [line for line in proc.stdout.splitlines() if line.startswith("failed ") and str(path) in line]
+            assert len(failed) == 1, proc.stdout
             assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
         else:
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            written = list(out.glob("*_mask.*")) + list(out.glob("*_seg.dcm"))
-            assert written and not list(out.glob(".*")), list(out.iterdir())
+            assert proc.returncode == 0 and f"{n} segmented, 0 failed" in proc.stdout, proc.stdout + proc.stderr
+            written = [f.name for f in out.iterdir()]
+            assert any(name.startswith(path.name.split(".")[0]) for name in written), written
+            assert not [name for name in written if name.startswith(".")], written
         return [proc.returncode]
     if entry.kind == "checkpoint":
-        codes = []
-        for args in (("info", "-c", case.path), ("export", "-c", case.path, "-t", "onnx", "--simplify", "none", "-o", out / "model.onnx")):
-            proc = espmed(*args)
-            check_cli_refusal(proc, case.path.name, entry.error)
-            assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
-            codes.append(proc.returncode)
-        return codes
+        cli_case, procs, out = checkpoint_cli[entry.name]
+        for proc in procs:
+            check_cli_refusal(proc, cli_case.path.name, entry.error)
+        assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+        if cli_case.marker is not None:
+            assert not cli_case.marker.exists(), "the pickled payload ran under the CLI"
+        return [proc.returncode for proc in procs]
     extra = ("--modality", case.modality) if case.modality else ()
     proc = espmed("predict", SAMPLE_PNG, "--model", case.path, "--out", out, *extra)
     check_cli_refusal(proc, case.path.stem, entry.cli_error or entry.error)

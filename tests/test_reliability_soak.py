@@ -28,7 +28,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     return build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")
 
 
-@pytest.mark.parametrize("backend,calls", [("onnx", 30), ("openvino", 15)])
+@pytest.mark.parametrize("backend,calls", [("onnx", 20), ("openvino", 10)])
 def test_eight_threads_share_one_runtime(backend, calls, artifacts):
     pytest.importorskip("psutil")
     from espmed.runtimes import load
