@@ -9,8 +9,10 @@ against the torch eager FP32 reference measured in the same run, and the derived
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -250,6 +252,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
         "calibration_sha256": _calib_sha(opts.data) if TARGETS[target].precision == "int8" else None,
         "int8_gate_max_drop": opts.max_drop if TARGETS[target].precision == "int8" else None,
         "versions": library_versions(),
+        "exporter_source_sha256": _exporter_source_sha256(),
     }
     if record_path.is_file():
         try:
@@ -261,21 +264,44 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
             pass
     gate = {"max_drop": opts.max_drop} if opts.max_drop is not None and opts.max_drop < 1.0 else {}
     t = time.perf_counter()
-    result = export(
-        Path(model["checkpoint"]),
-        target,
-        dest,
-        modality=model["modality"],
-        imgsz=model["image_size"],
-        batch=1,
-        dynamic=opts.batch > 1,
-        calib=opts.data,
-        progress=False,
-        **gate,
-    )
+    with _quiet_root_logger():  # ONNX Runtime's quantizer logs advice at WARNING on the root logger
+        result = export(
+            Path(model["checkpoint"]),
+            target,
+            dest,
+            modality=model["modality"],
+            imgsz=model["image_size"],
+            batch=1,
+            dynamic=opts.batch > 1,
+            calib=opts.data,
+            progress=False,
+            **gate,
+        )
     seconds = time.perf_counter() - t
     write_text(record_path, json.dumps({"key": key, "artifact": str(result.artifact), "export_s": seconds}, indent=2))
     return Path(result.artifact), False, seconds
+
+
+def _exporter_source_sha256() -> str:
+    """Identity of the export code itself: a changed exporter must not reuse old artifacts."""
+    import espmed.export
+
+    folder = Path(espmed.export.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def artifact_files(artifact: Path) -> list[Path]:
@@ -305,6 +331,7 @@ def run_worker(spec: dict, work: Path, timeout_s: float, threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
+    load_before = os.getloadavg()[0]
     t0 = time.time()
     try:
         proc = subprocess.run(
@@ -314,7 +341,9 @@ def run_worker(spec: dict, work: Path, timeout_s: float, threads: int) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"worker timed out after {timeout_s:.0f} s"}
     if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+        result["load_average"] = max(load_before, os.getloadavg()[0])
+        return result
     tail = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
     return {"status": "failed", "reason": f"worker exited {proc.returncode}: {tail[-1] if tail else 'no output'}"}
 
@@ -451,6 +480,13 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
     gemm_after = machine.gemm_peak_gflops(threads)
     gemm = {**max(gemm, gemm_after, key=lambda g: g["gflops"]), "measurements": [gemm["gflops"], gemm_after["gflops"]]}
     _add_accuracy(results, model, samples, work)
+    busiest = max((r.get("load_average", 0.0) for r in results), default=0.0)
+    if busiest > threads + 0.5:
+        notes.append(
+            f"warning: the machine was busy (1-min load average up to {busiest:.1f} with {threads} threads "
+            "benchmarked): other processes competed for the cores, so timings and ratios are unreliable; "
+            "rerun on a quiet machine"
+        )
     _add_ratios(results, model, gemm)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     options["threads"] = threads
