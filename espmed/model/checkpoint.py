@@ -91,8 +91,11 @@ def read_release_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; torch raises assorted types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused to load checkpoint safely: {first}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # Name the blocked global rather than torch's first line, which suggests weights_only=False.
+        blocked = next((line for line in lines if "GLOBAL" in line), None)
+        detail = f"it holds pickled code or objects ({blocked})" if blocked else lines[0]
+        raise CheckpointError(f"{path}: refused to load checkpoint safely: {detail}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
