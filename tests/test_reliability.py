@@ -197,6 +197,7 @@ def test_bad_input(entry, context, segmenter, outcomes, image_cli, checkpoint_cl
     row["message"] = message.replace(f"{case.path.parent}{os.sep}", "")  # the table shows file names
     if case.marker is not None:
         assert not case.marker.exists(), "the pickled payload ran"
+        assert "weights_only" not in message  # no advice to turn the safe loader off
 
     # CLI: exit code, one error line, no traceback, no output file.
     row["cli"] = ", ".join(str(rc) for rc in run_cli(entry, case, context, image_cli, checkpoint_cli, tmp_path))
