@@ -133,9 +133,6 @@ ALLOWED = {
     ("espmed/train/evaluate.py", ".save(buf"): "into a BytesIO",
     ("export/onnx_export.py", "onnx.save_model("): "into the export staging folder, published by export/manifest.py",
     ("export/openvino_export.py", "ov.save_model("): "into the export staging folder, published by export/manifest.py",
-    ("export/openvino_export.py", "save_model(model"): "into the export staging folder",
-    ("export/tensorrt_export.py", "save_model("): "into the export staging folder",
-    ("export/quantize.py", "save_model("): "into the export staging folder",
 }
 
 
