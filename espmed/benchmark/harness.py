@@ -433,7 +433,7 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
                     artifacts[row.export_target] = exc
             got = artifacts[row.export_target]
             if isinstance(got, Exception):
-                rec.update(status="failed", reason=f"export failed: {_one_line(got)}")
+                rec.update(status="failed", reason=f"export failed: {_one_line(got)}", detail=str(got))
                 results.append(rec)
                 step(f"{row.name}: export failed", 2)
                 continue
@@ -495,8 +495,10 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
 
 
 def _one_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines and not isinstance(exc, EspmedError) else (lines[0] if lines else type(exc).__name__)
+    """The first line of an error (the full text goes to the JSON `detail`)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0].rstrip(":") + (" (details in bench.json)" if len(lines) > 1 else "") if lines else ""
+    return first if isinstance(exc, EspmedError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def _load_logits(path: Path) -> dict[str, np.ndarray]:
