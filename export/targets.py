@@ -16,7 +16,7 @@ import numpy as np
 
 from espmed import __version__
 from espmed.errors import BackendUnavailableError, ExportError
-from espmed.runtimes.metadata import ArtifactMetadata
+from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 from .accuracy import Attempt, Comparison, compare, gate_table, reference_outputs
 from .calibration import CalibrationSet, load_calibration
@@ -205,9 +205,13 @@ def export(
             from . import onnx_export
 
             fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
-            label = f"export ONNX ({onnx_export.EXPORTER}, opset {opset}, {'dynamic batch' if dynamic else f'batch {batch}'}, simplify: {simplify})"
+            # OpenVINO converts from a dynamic-batch graph and is then fixed to the batch asked
+            # for: from a static graph its converter folds every window-attention bias expanded
+            # over all windows into the IR (2x the weights at 1024^2).
+            onnx_dynamic = dynamic or tgt.backend == "openvino"
+            label = f"export ONNX ({onnx_export.EXPORTER}, opset {opset}, {'dynamic batch' if onnx_dynamic else f'batch {batch}'}, simplify: {simplify})"
             with stages.stage(label):
-                proto = onnx_export.export_onnx(graph, fp32_onnx, image_size=size, batch=batch, dynamic=dynamic, opset=opset, simplify=simplify)
+                proto = onnx_export.export_onnx(graph, fp32_onnx, image_size=size, batch=batch, dynamic=onnx_dynamic, opset=opset, simplify=simplify)
                 onnx_export.save_onnx(proto, fp32_onnx)
 
             meta = ArtifactMetadata(
@@ -322,6 +326,8 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
     prec = ctx.target.precision
     with ctx.stages.stage("convert ONNX -> OpenVINO"):
         model = ovx.convert_onnx(ctx.fp32_onnx)
+        if ctx.batch:
+            model.reshape({INPUT_NAME: [ctx.batch, 3, meta.input_size, meta.input_size]})
     xml = ctx.staged()
     if prec == "int8":
         with ctx.stages.stage(f"quantize INT8 (NNCF, symmetric; {len(ctx.images.calibration)} calibration images) + accuracy gate"):
