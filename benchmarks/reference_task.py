@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from espmed.atomic import write_text
     from espmed.data import load_samples, train_items
     from espmed.model import load_checkpoint
-    from espmed.model.checkpoint import file_sha256
+    from espmed.atomic import file_sha256
     from espmed.model.summary import count_flops
     from espmed.train import evaluate, load_config, train
 

@@ -1,4 +1,4 @@
-"""One atomic-write helper for every file espmed writes.
+"""One atomic-write helper for every file espmed writes (and the file hash the manifests use).
 
 A file is written under a temporary name in the destination folder, flushed and fsync'ed, then
 renamed over the final name, so an interrupted or failed write never leaves a partial file under
@@ -8,6 +8,7 @@ the final name. Torch-free.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -93,3 +94,12 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed (manifests, checkpoint provenance, calibration sets)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,7 +19,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from espmed.atomic import write_text
+from espmed.atomic import file_sha256, write_text
 from espmed.errors import ArtifactError
 from espmed.runtimes.metadata import ArtifactMetadata
 
@@ -29,12 +29,6 @@ MANIFEST_SUFFIX = ".manifest.json"
 TRACKED_LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "onnxsim", "onnxslim", "tensorrt")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def files_sha256(paths: Iterable[str | os.PathLike]) -> str:

@@ -7,10 +7,10 @@ metadata must equal the metadata embedded in the artifact. Torch-free.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from espmed.atomic import file_sha256
 from espmed.errors import ArtifactError
 
 from .metadata import ArtifactMetadata
@@ -21,12 +21,6 @@ def manifest_path(artifact: str | Path) -> Path:
     return artifact.with_name(artifact.name + ".manifest.json")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_manifest(artifact: str | Path) -> ArtifactMetadata | None:

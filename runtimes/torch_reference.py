@@ -39,7 +39,7 @@ class TorchSegmenter(Segmenter):
     ) -> None:
         torch = _import_torch()
         from espmed.model import load_checkpoint
-        from espmed.model.checkpoint import file_sha256
+        from espmed.atomic import file_sha256
 
         path = Path(path)
         model = load_checkpoint(path, image_size=image_size)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from espmed.model import ESPMedSAM, get_preset, save_checkpoint
-from espmed.model.checkpoint import file_sha256
+from espmed.atomic import file_sha256
 from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, ArtifactMetadata
 
 

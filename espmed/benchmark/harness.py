@@ -174,7 +174,7 @@ def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Cal
     import torch
 
     from ..model import get_preset, load_checkpoint, save_checkpoint
-    from ..model.checkpoint import file_sha256
+    from ..atomic import file_sha256
     from ..model.summary import count_flops
 
     if opts.checkpoint is not None:

@@ -12,7 +12,7 @@ import typer
 def model_info(checkpoint: Path | None = None, preset: str = "esp-medsam", image_size: int | None = None) -> dict:
     """Parameters per part, GFLOPs, modalities, input size and preprocessing, as a dict."""
     from ..model import ESPMedSAM, get_preset, load_checkpoint
-    from ..model.checkpoint import file_sha256
+    from ..atomic import file_sha256
     from ..model.summary import count_flops, parameter_table
 
     if checkpoint is not None:

@@ -8,7 +8,6 @@ explicit `RELEASE_UNUSED_KEYS` list, and anything else is an error naming the ke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import zipfile
@@ -57,14 +56,6 @@ _RELEASE_RULES: list[tuple[re.Pattern, str]] = [
 _CONTROLLER_KEY = re.compile(r"\.controllers\.slots\.\d+\.")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def release_to_native_key(key: str, controller: int = 0) -> str | None:
     """Native key for a release key, or None when no rule maps it."""
     for pattern, template in _RELEASE_RULES:
@@ -81,13 +72,15 @@ def is_native_checkpoint(path: str | Path) -> bool:
 
 
 # -- release files -------------------------------------------------------------------------------
-def read_release_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The release state_dict, loaded without executing pickled code."""
+def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A PyTorch `.pth` state_dict (release, SAM or MobileSAM file), loaded without executing
+    pickled code; `{"state_dict"|"model": ...}` wrappers and a DataParallel `module.` prefix are
+    removed. `what` names the file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such {what} file")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a zip-format .pth)")
+        raise CheckpointError(f"{path}: not a PyTorch {what} (expected a zip-format .pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; torch raises assorted types
@@ -95,12 +88,12 @@ def read_release_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # Name the blocked global rather than torch's first line, which suggests weights_only=False.
         blocked = next((line for line in lines if "GLOBAL" in line), None)
         detail = f"it holds pickled code or objects ({blocked})" if blocked else lines[0]
-        raise CheckpointError(f"{path}: refused to load checkpoint safely: {detail}") from None
+        raise CheckpointError(f"{path}: refused to load {what} safely: {detail}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state_dict of tensors")
+        raise CheckpointError(f"{path}: {what} does not hold a state_dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -170,7 +163,7 @@ def load_release_checkpoint(
     else:
         idx = base.modality_index(modality)
         cfg = base.with_(controller_map=tuple(0 if i == idx else -1 for i in range(len(base.modalities))))
-    sd = read_release_state_dict(path)
+    sd = read_state_dict(path)
     return _load_into(ESPMedSAM(cfg), _map_release(sd, str(path)), str(path))
 
 
@@ -198,7 +191,7 @@ def merge_release_checkpoints(
     first_source = None
     differ: list[str] = []
     for ctrl, (modality, path) in enumerate(files.items()):
-        state = _map_release(read_release_state_dict(path), str(path), controller=ctrl)
+        state = _map_release(read_state_dict(path), str(path), controller=ctrl)
         for key, value in state.items():
             if _CONTROLLER_KEY.search(key):
                 merged[key] = value

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..model import ESPMedSAM
-from ..model.checkpoint import release_to_native_key
+from ..model.checkpoint import read_state_dict, release_to_native_key
 
 #: MobileSAM / TinyViT keys with no counterpart: classification head, prompt encoder embeddings,
 #: the extra multimask hypernetworks and the IoU head.
@@ -42,19 +42,7 @@ def mobilesam_to_native_key(key: str) -> str | None:
 
 
 def read_mobilesam_state(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such MobileSAM/TinyViT checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refusals and corrupt files raise assorted types
-        raise CheckpointError(f"{path}: refused to load checkpoint safely ({str(exc).splitlines()[0]})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state_dict of tensors")
-    return obj
+    return read_state_dict(path, "MobileSAM/TinyViT checkpoint")
 
 
 def load_mobilesam_into(model: ESPMedSAM, path: str | Path, decoder: bool = False) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, CheckpointError
+from ..model.checkpoint import read_state_dict
 from ..runtimes.preprocess import preprocess, to_rgb_uint8
 
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -65,17 +66,7 @@ def build_sam_encoder(
 
 
 def _encoder_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such teacher checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refusals and corrupt files raise assorted types
-        raise CheckpointError(f"{path}: refused to load teacher checkpoint safely ({str(exc).splitlines()[0]})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: does not hold a state_dict")
+    obj = read_state_dict(path, "teacher checkpoint")
     if any(k.startswith("image_encoder.") for k in obj):
         obj = {k[len("image_encoder."):]: v for k, v in obj.items() if k.startswith("image_encoder.")}
     if "patch_embed.proj.weight" not in obj or "pos_embed" not in obj:
@@ -105,7 +96,7 @@ def infer_sam_encoder_args(state: Mapping[str, torch.Tensor]) -> dict:
 
 def load_sam_encoder(path: str | Path) -> tuple[nn.Module, str]:
     """(frozen eval-mode SAM image encoder, its identity for the cache) from a SAM/MedSAM checkpoint."""
-    from ..model.checkpoint import file_sha256
+    from ..atomic import file_sha256
 
     path = Path(path)
     state = _encoder_state(path)
