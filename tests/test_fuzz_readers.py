@@ -34,9 +34,15 @@ FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=timedelta(seconds=5),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=False,
+    # CI replays a fixed example sequence (a red CI blocks landing, so it must be reproducible);
+    # local runs explore new examples each time.
+    derandomize=os.environ.get("CI") == "true",
     print_blob=True,
 )
+# Mangled headers make pydicom/Pillow/tifffile warn on most examples; the property under test is
+# the outcome (frames or ImageReadError), not their warnings.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".dat")
 RUNS = {"readers": 0, "preprocess": 0}
 
