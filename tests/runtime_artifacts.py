@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from espmed.model import ESPMedSAM, get_preset, save_checkpoint
 from espmed.atomic import file_sha256
+from espmed.model import ESPMedSAM, get_preset, save_checkpoint
 from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, ArtifactMetadata
+
+from .test_model import _randomise
 
 
 def random_model(modalities=("brain", "nuclei"), seed: int = 0) -> ESPMedSAM:
@@ -19,16 +20,7 @@ def random_model(modalities=("brain", "nuclei"), seed: int = 0) -> ESPMedSAM:
         "esp-medsam-tiny", modalities=tuple(modalities), controller_map=tuple(range(len(modalities))),
         num_queries=max(3, len(modalities)),
     )
-    model = ESPMedSAM(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-    return model.eval()
+    return _randomise(ESPMedSAM(cfg), seed)
 
 
 def write_checkpoint(path: Path, modalities=("brain", "nuclei"), seed: int = 0) -> Path:
