@@ -30,3 +30,15 @@ class ExportError(EspmedError):
 
 class BackendUnavailableError(EspmedError):
     """A backend's library or hardware is not present on this machine."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first non-blank line of an exception's message, or its type name when it has none.
+
+    Library errors often carry pages of context; one line is what a user should see. With
+    `with_type`, the message is prefixed by the exception's type (``ValueError: ...``).
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from espmed.errors import ExportError
+from espmed.errors import ExportError, first_line
 from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
 
 EXPORTER = "torch.onnx dynamo"
@@ -55,8 +55,7 @@ def export_onnx(graph, path: Path, *, image_size: int, batch: int, dynamic: bool
             )
         model = onnx.load(str(raw), load_external_data=True)
     except Exception as exc:  # the exporter raises many internal error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export failed: {first}") from exc
+        raise ExportError(f"ONNX export failed: {first_line(exc)}") from exc
     finally:
         for leftover in raw.parent.glob(raw.name + "*"):
             leftover.unlink(missing_ok=True)

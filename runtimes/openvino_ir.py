@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError
+from espmed.errors import ArtifactError, BackendUnavailableError, first_line
 
 from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
@@ -64,7 +64,7 @@ class OpenVinoSegmenter(Segmenter):
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
-            raise ArtifactError(f"{path}: OpenVINO cannot read the IR: {_first_line(exc)}") from None
+            raise ArtifactError(f"{path}: OpenVINO cannot read the IR: {first_line(exc)}") from None
         super().__init__(read_ir_metadata(model, path), path)
         inputs = {n: i.get_partial_shape() for i in model.inputs for n in i.get_names()}
         if self.metadata.input_name not in inputs:
@@ -94,7 +94,7 @@ class OpenVinoSegmenter(Segmenter):
         try:
             self.compiled = core.compile_model(model, device, config)
         except Exception as exc:
-            raise ArtifactError(f"{path}: OpenVINO cannot compile the model for {device}: {_first_line(exc)}") from None
+            raise ArtifactError(f"{path}: OpenVINO cannot compile the model for {device}: {first_line(exc)}") from None
         self.device = device
         m = self.metadata
         names = {n for out in self.compiled.outputs for n in out.get_names()}
@@ -119,8 +119,3 @@ class OpenVinoSegmenter(Segmenter):
             self._requests.put(request)
         return lowres, patches
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

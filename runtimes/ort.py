@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError
+from espmed.errors import ArtifactError, BackendUnavailableError, first_line
 
 from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
@@ -53,8 +53,7 @@ def _open_session(ort, path: Path, opts, providers: list[str]):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {first}") from None
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load the model: {first_line(exc)}") from None
 
 
 def _metadata_of(session, path: Path) -> ArtifactMetadata:

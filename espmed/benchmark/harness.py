@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_text
-from ..errors import EspmedError
+from ..errors import EspmedError, first_line
 from . import machine
 from .data import Sample, list_samples, read_image, read_mask
 from .metrics import agreement, ground_truth_scores
@@ -496,9 +496,10 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
 
 def _one_line(exc: Exception) -> str:
     """The first line of an error (the full text goes to the JSON `detail`)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    first = lines[0].rstrip(":") + (" (details in bench.json)" if len(lines) > 1 else "") if lines else ""
-    return first if isinstance(exc, EspmedError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
+    more = " (details in bench.json)" if len([line for line in str(exc).splitlines() if line.strip()]) > 1 else ""
+    if isinstance(exc, EspmedError) and str(exc).strip():
+        return first_line(exc).rstrip(":") + more
+    return first_line(exc, with_type=True).rstrip(":") + more
 
 
 def _load_logits(path: Path) -> dict[str, np.ndarray]:

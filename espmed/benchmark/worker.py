@@ -16,6 +16,8 @@ import sys
 import time
 import traceback
 
+from espmed.errors import first_line
+
 #: Warm latency percentiles reported.
 PERCENTILES = (50, 95, 99)
 
@@ -132,10 +134,9 @@ def main(argv: list[str]) -> int:
         result = measure(spec, t0)
         code = 0
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status the parent reports
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         result = {
             "status": "failed",
-            "reason": f"{type(exc).__name__}: {lines[0] if lines else ''}".strip(": "),
+            "reason": first_line(exc, with_type=True),
             "traceback": traceback.format_exc(limit=8),
         }
         code = 1

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".dcm")
 
@@ -62,7 +62,7 @@ def read_image(path: str | Path) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as exc:  # each reader raises its own types for corrupt files
-        raise ImageReadError(f"{path}: cannot read image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ImageReadError(f"{path}: cannot read image ({first_line(exc)})") from None
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
@@ -169,7 +169,7 @@ def read_volume(path: str | Path) -> np.ndarray:
     try:
         data = np.asanyarray(nib.load(str(path)).dataobj)
     except Exception as exc:  # nibabel raises several types for unreadable files
-        raise ImageReadError(f"{path}: cannot read volume ({str(exc).splitlines()[0]})") from None
+        raise ImageReadError(f"{path}: cannot read volume ({first_line(exc)})") from None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

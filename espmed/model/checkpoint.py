@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .config import PRESETS, ModelConfig
 from .esp_medsam import ESPMedSAM
 
@@ -84,10 +84,9 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code; torch raises assorted types
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         # Name the blocked global rather than torch's first line, which suggests weights_only=False.
-        blocked = next((line for line in lines if "GLOBAL" in line), None)
-        detail = f"it holds pickled code or objects ({blocked})" if blocked else lines[0]
+        blocked = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), None)
+        detail = f"it holds pickled code or objects ({blocked})" if blocked else first_line(exc)
         raise CheckpointError(f"{path}: refused to load {what} safely: {detail}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
@@ -236,7 +235,7 @@ def read_native_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, tor
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: corrupt safetensors checkpoint ({first_line(exc)})") from None
     if meta.get(FORMAT_METADATA_KEY) != NATIVE_FORMAT or CONFIG_METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: safetensors file without an espmed model config")
     try:

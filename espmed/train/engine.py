@@ -31,7 +31,7 @@ from torch import nn
 from ..atomic import atomic_path, write_text
 from ..data import EpochSampler, SegmentationDataset, TrainItem
 from ..data.sources import Sample
-from ..errors import CheckpointError, EspmedError
+from ..errors import CheckpointError, EspmedError, first_line
 from ..model import ESPMedSAM, get_preset, load_checkpoint, save_checkpoint
 from .config import PARTS, RunConfig, TrainSettings
 from .evaluate import mean_dice_by_modality
@@ -231,7 +231,7 @@ def load_training_state(run_dir: Path, model: ESPMedSAM, optimizer, scheduler) -
     try:
         state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt files raise assorted types
-        raise CheckpointError(f"{folder / 'trainer_state.pt'}: cannot load ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{folder / 'trainer_state.pt'}: cannot load ({first_line(exc)})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
