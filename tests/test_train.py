@@ -58,6 +58,23 @@ def test_resume_reaches_the_same_weights(tmp_path, items):
     assert len(list((tmp_path / "b" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def test_time_limit_fails_loudly_and_resume_finishes_the_same_model(tmp_path, items):
+    from espmed.train.engine import TimeLimitError
+
+    ref = train(tiny_config(tmp_path / "a", max_steps=4), items, show_progress=False)
+    capped = tiny_config(tmp_path / "b", max_steps=4, max_minutes=1e-9)  # hit after the first step
+    with pytest.raises(TimeLimitError, match=r"after step 1 of 4.*--resume"):
+        train(capped, items, show_progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["global_step"] == 1
+    assert not (tmp_path / "b" / "model.safetensors").exists()  # no half-trained model under the final name
+    rest = train(tiny_config(tmp_path / "b", max_steps=4), items, resume=True, show_progress=False)
+    assert rest["steps"] == ref["steps"] == 4
+    assert rest["losses"] == ref["losses"][1:]
+    a = load_checkpoint(tmp_path / "a" / "model.safetensors").state_dict()
+    b = load_checkpoint(tmp_path / "b" / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_learns_and_exports_the_best_model(tmp_path, items):
     valid = [it.sample for it in items]
     items = [TrainItem(s, augment=False) for s in valid]  # a steady loss curve to test against

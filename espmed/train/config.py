@@ -58,7 +58,9 @@ class TrainSettings:
     checkpoint_every: int = 0  # optimizer steps between training-state checkpoints; 0 = per epoch
     keep_checkpoints: int = 2
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
-    max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time is spent; 0 = no limit
+    # A guard, never the length: once this much wall time is spent the state is saved and the run
+    # fails (TimeLimitError; --resume continues). The step count alone decides the model. 0 = none.
+    max_minutes: float = 0.0
     device: str = "auto"
     threads: int = 0  # torch intra-op threads per process; 0 = torch default (1 is fastest on a busy CPU)
 

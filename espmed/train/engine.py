@@ -278,7 +278,59 @@ def train(
             dist.destroy_process_group()
 
 
+class TimeLimitError(EspmedError):
+    """`[train] max_minutes` was reached before the step count: the run is saved, not finished."""
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds, built once by `_setup`."""
+
+    cfg: RunConfig
+    info: DistInfo
+    device: torch.device
+    model: ESPMedSAM
+    net: nn.Module  # the model, or its DDP wrapper
+    params: list[nn.Parameter]
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: SegmentationLoss
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    run_dir: Path
+    log: JsonlLog
+    progress: RunProgress
+    total_steps: int
+
+    def checkpoint(self) -> None:
+        if self.info.is_main:
+            save_training_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.progress,
+                                self.cfg.train.keep_checkpoints)
+        _barrier(self.info)
+
+
 def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dict:
+    run = _setup(cfg, train_items, resume, model)
+    started = time.monotonic()
+    losses = _loop(run, valid_samples, show_progress, started)
+    if not valid_samples and run.info.is_main:
+        save_checkpoint(run.model, run.run_dir / "model.safetensors", {"espmed.train.step": str(run.progress.global_step)})
+    return {
+        "steps": run.progress.global_step,
+        "epochs_completed": run.progress.epoch,
+        "best_valid_dice": run.progress.best_dice if valid_samples else None,
+        "best_step": run.progress.best_step if valid_samples else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "seconds": round(time.monotonic() - started, 1),
+        "world_size": run.info.world,
+    }
+
+
+def _setup(cfg: RunConfig, train_items, resume: bool, model: ESPMedSAM | None) -> _Run:
     t = cfg.train
     dev_kind = "cuda" if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
     info = init_distributed(dev_kind)
@@ -296,9 +348,7 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t, sampler.steps_per_epoch)
     run_dir = Path(t.out_dir)
-    progress = RunProgress()
-    if resume:
-        progress = load_training_state(run_dir, model, optimizer, scheduler)
+    progress = load_training_state(run_dir, model, optimizer, scheduler) if resume else RunProgress()
     net: nn.Module = model
     if info.world > 1:
         # A batch of one modality leaves the other controllers unused: DDP must be told.
@@ -306,82 +356,82 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=some_unused
         )
-    criterion = SegmentationLoss(cfg.loss)
     amp_dtype = autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    log = JsonlLog(run_dir / "metrics.jsonl" if info.is_main else None)
     if info.is_main:
         write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     total_steps = t.epochs * sampler.steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-    eval_every = t.eval_every or sampler.steps_per_epoch
-    ckpt_every = t.checkpoint_every or sampler.steps_per_epoch
-    started = time.monotonic()
+    return _Run(
+        cfg=cfg, info=info, device=device, model=model, net=net, params=params, sampler=sampler, loader=loader,
+        optimizer=optimizer, scheduler=scheduler, criterion=SegmentationLoss(cfg.loss), amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), run_dir=run_dir,
+        log=JsonlLog(run_dir / "metrics.jsonl" if info.is_main else None), progress=progress,
+        total_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
+    )
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def _loop(run: _Run, valid_samples, show_progress: bool, started: float) -> list[float]:
+    """Optimizer steps until the step count is reached. The step count alone decides the model;
+    `max_minutes` only guards: when it is hit the state is saved and `TimeLimitError` raised."""
+    t, progress = run.cfg.train, run.progress
+    eval_every = t.eval_every or run.sampler.steps_per_epoch
+    ckpt_every = t.checkpoint_every or run.sampler.steps_per_epoch
     losses: list[float] = []
-    stopped_early = False
-
-    bar_ctx = contextlib.nullcontext(None)
-    if show_progress and info.is_main:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bar_ctx = Bar(TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn())
-    with bar_ctx as bar:
-        task = bar.add_task("", total=total_steps, completed=progress.global_step) if bar else None
-        while progress.global_step < total_steps and progress.epoch < t.epochs:
-            sampler.set_epoch(progress.epoch, progress.step_in_epoch)
-            model.train()
-            batches = iter(loader)
-            while progress.step_in_epoch < sampler.steps_per_epoch and progress.global_step < total_steps:
-                step_loss, parts = _optimizer_step(net, model, batches, criterion, optimizer, scaler, t, amp_dtype, device, params)
-                scheduler.step()
-                progress.step_in_epoch += 1
-                progress.global_step += 1
+    with _progress_bar(show_progress and run.info.is_main) as bar:
+        task = bar.add_task("", total=run.total_steps, completed=progress.global_step) if bar else None
+        while progress.global_step < run.total_steps and progress.epoch < t.epochs:
+            run.sampler.set_epoch(progress.epoch, progress.step_in_epoch)
+            run.model.train()
+            batches = iter(run.loader)
+            while progress.step_in_epoch < run.sampler.steps_per_epoch and progress.global_step < run.total_steps:
+                step_loss = _logged_step(run, batches, started)
                 losses.append(step_loss)
-                log.write({"event": "step", "step": progress.global_step, "epoch": progress.epoch,
-                           "lr": optimizer.param_groups[0]["lr"], "loss": step_loss, **parts,
-                           "elapsed_s": round(time.monotonic() - started, 2)})
                 if bar:
                     bar.update(task, advance=1, description=f"epoch {progress.epoch + 1}/{t.epochs} loss {step_loss:.4f}")
-                epoch_done = progress.step_in_epoch == sampler.steps_per_epoch
+                epoch_done = progress.step_in_epoch == run.sampler.steps_per_epoch
                 if epoch_done:
                     progress.epoch += 1
                     progress.step_in_epoch = 0
                 out_of_time = bool(t.max_minutes) and time.monotonic() - started > 60 * t.max_minutes
-                finished = progress.global_step >= total_steps or out_of_time
+                finished = progress.global_step >= run.total_steps
                 if valid_samples and (progress.global_step % eval_every == 0 or finished):
-                    _validate(model, valid_samples, progress, run_dir, log, info, t.batch_size)
-                if progress.global_step % ckpt_every == 0 or finished:
-                    if info.is_main:
-                        save_training_state(run_dir, model, optimizer, scheduler, progress, t.keep_checkpoints)
-                    _barrier(info)
-                if out_of_time:
-                    stopped_early = True
-                    break
+                    _validate(run.model, valid_samples, progress, run.run_dir, run.log, run.info, t.batch_size)
+                if progress.global_step % ckpt_every == 0 or finished or out_of_time:
+                    run.checkpoint()
+                if out_of_time and not finished:
+                    raise TimeLimitError(
+                        f"time limit [train] max_minutes = {t.max_minutes:g} reached after step {progress.global_step} "
+                        f"of {run.total_steps}; the state is saved in {run.run_dir / 'checkpoints'}: "
+                        "continue with --resume (the model is not finished)"
+                    )
                 if epoch_done:
                     break
-            if stopped_early:
-                break
-    if not valid_samples and info.is_main:
-        save_checkpoint(model, run_dir / "model.safetensors", {"espmed.train.step": str(progress.global_step)})
-    summary = {
-        "steps": progress.global_step,
-        "epochs_completed": progress.epoch,
-        "best_valid_dice": progress.best_dice if valid_samples else None,
-        "best_step": progress.best_step if valid_samples else None,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "stopped_on_time_limit": stopped_early,
-        "seconds": round(time.monotonic() - started, 1),
-        "world_size": info.world,
-    }
-    return summary
+    return losses
 
 
-def _optimizer_step(net, model, batches, criterion, optimizer, scaler, t: TrainSettings, amp_dtype, device, params):
+def _logged_step(run: _Run, batches, started: float) -> float:
+    step_loss, parts = _optimizer_step(run, batches)
+    run.scheduler.step()
+    run.progress.step_in_epoch += 1
+    run.progress.global_step += 1
+    run.log.write({"event": "step", "step": run.progress.global_step, "epoch": run.progress.epoch,
+                   "lr": run.optimizer.param_groups[0]["lr"], "loss": step_loss, **parts,
+                   "elapsed_s": round(time.monotonic() - started, 2)})
+    return step_loss
+
+
+def _optimizer_step(run: _Run, batches) -> tuple[float, dict[str, float]]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, mean loss parts)."""
+    net, optimizer, scaler, t, device = run.net, run.optimizer, run.scaler, run.cfg.train, run.device
+    amp_dtype = run.amp_dtype
     total = 0.0
     parts_sum: dict[str, float] = {}
     for a in range(t.grad_accum):
@@ -393,14 +443,14 @@ def _optimizer_step(net, model, batches, criterion, optimizer, scaler, t: TrainS
         with (contextlib.nullcontext() if sync else net.no_sync()):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = net(images, modality)
-            loss, parts = criterion(out, masks)
+            loss, parts = run.criterion(out, masks)
             scaler.scale(loss / t.grad_accum).backward()
         total += float(loss.detach()) / t.grad_accum
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / t.grad_accum
     if t.grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.params, t.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
