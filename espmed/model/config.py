@@ -105,10 +105,6 @@ class ModelConfig:
     def num_controllers(self) -> int:
         return max(self.controller_map) + 1
 
-    @property
-    def embedding_size(self) -> int:
-        return self.image_size // 16
-
     def modality_index(self, modality: int | str) -> int:
         """Index of a modality given by name or index; raises ModalityError naming the choices."""
         if isinstance(modality, str):

@@ -29,7 +29,7 @@ class ExpertMLP(nn.Module):
 class ModalityController(nn.Module):
     """One modality's controller parameters for one TinyViT block."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_ratio: float) -> None:
+    def __init__(self, *, dim: int, num_heads: int, head_dim: int, mlp_ratio: float) -> None:
         super().__init__()
         self.kv_token = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
         self.kv_logit_bias = nn.Parameter(torch.zeros(1))
@@ -44,10 +44,11 @@ class ControllerBank(nn.Module):
     and gathers them per sample, so there is no Python loop over samples.
     """
 
-    def __init__(self, num_controllers: int, dim: int, num_heads: int, head_dim: int, mlp_ratio: float) -> None:
+    def __init__(self, *, num_controllers: int, dim: int, num_heads: int, head_dim: int, mlp_ratio: float) -> None:
         super().__init__()
         self.slots = nn.ModuleList(
-            ModalityController(dim, num_heads, head_dim, mlp_ratio) for _ in range(num_controllers)
+            ModalityController(dim=dim, num_heads=num_heads, head_dim=head_dim, mlp_ratio=mlp_ratio)
+            for _ in range(num_controllers)
         )
 
     def kv(self, ctrl: int | torch.Tensor, rows: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:

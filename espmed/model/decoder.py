@@ -19,6 +19,7 @@ class QueryDecoupledModalityDecoder(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         depth: int,
         num_heads: int,
@@ -31,7 +32,10 @@ class QueryDecoupledModalityDecoder(nn.Module):
         super().__init__()
         self.queries = nn.Embedding(num_queries, dim)
         self.pe_layer = PositionEmbeddingRandom(dim // 2)
-        self.transformer = TwoWayTransformer(depth, dim, num_heads, mlp_dim, attention_downsample_rate)
+        self.transformer = TwoWayTransformer(
+            depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim,
+            attention_downsample_rate=attention_downsample_rate,
+        )
         u0, u1 = upscale_dims
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(dim, u0, kernel_size=2, stride=2),

@@ -35,27 +35,27 @@ class ESPMedSAM(nn.Module):
         self.config = config
         c = config
         self.trunk = TinyViTTrunk(
-            c.in_chans,
-            c.embed_dims,
-            c.depths,
-            c.num_heads,
-            c.window_sizes,
-            c.mlp_ratio,
-            c.mbconv_expand_ratio,
-            c.merge_strides,
-            c.num_controllers,
+            in_chans=c.in_chans,
+            embed_dims=c.embed_dims,
+            depths=c.depths,
+            num_heads=c.num_heads,
+            window_sizes=c.window_sizes,
+            mlp_ratio=c.mlp_ratio,
+            mbconv_expand_ratio=c.mbconv_expand_ratio,
+            merge_strides=c.merge_strides,
+            num_controllers=c.num_controllers,
         )
         self.neck = Neck(c.embed_dims[-1], c.prompt_dim)
         self.sppg = SelfPatchPromptGenerator(c.prompt_dim, c.sppg_hidden)
         self.decoder = QueryDecoupledModalityDecoder(
-            c.prompt_dim,
-            c.decoder_depth,
-            c.decoder_heads,
-            c.decoder_mlp_dim,
-            c.attention_downsample_rate,
-            c.num_queries,
-            c.upscale_dims,
-            1 if c.shared_hypernetwork else len(c.modalities),
+            dim=c.prompt_dim,
+            depth=c.decoder_depth,
+            num_heads=c.decoder_heads,
+            mlp_dim=c.decoder_mlp_dim,
+            attention_downsample_rate=c.attention_downsample_rate,
+            num_queries=c.num_queries,
+            upscale_dims=c.upscale_dims,
+            num_hypernetworks=1 if c.shared_hypernetwork else len(c.modalities),
         )
 
     # -- modality handling -------------------------------------------------------------------

@@ -66,7 +66,7 @@ class PatchMerging(nn.Module):
 class ConvStage(nn.Module):
     """Stage 0: MBConv blocks, then patch merging. NCHW in, NCHW out."""
 
-    def __init__(self, dim: int, out_dim: int, depth: int, expand_ratio: float, merge_stride: int) -> None:
+    def __init__(self, *, dim: int, out_dim: int, depth: int, expand_ratio: float, merge_stride: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = PatchMerging(dim, out_dim, merge_stride)
@@ -126,14 +126,16 @@ class TinyViTBlock(nn.Module):
     """Window attention (+ controller token), depthwise local conv, then x + MLP(x) + expert(x)."""
 
     def __init__(
-        self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, num_controllers: int
+        self, *, dim: int, num_heads: int, window_size: int, mlp_ratio: float, num_controllers: int
     ) -> None:
         super().__init__()
         self.window_size = window_size
         self.attn = WindowAttention(dim, num_heads, window_size)
         self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
         self.mlp = ExpertMLP(dim, int(dim * mlp_ratio))
-        self.controllers = ControllerBank(num_controllers, dim, num_heads, dim // num_heads, mlp_ratio)
+        self.controllers = ControllerBank(
+            num_controllers=num_controllers, dim=dim, num_heads=num_heads, head_dim=dim // num_heads, mlp_ratio=mlp_ratio
+        )
 
     def forward(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C); ctrl: controller index for the batch, or a (B,) tensor of them."""
@@ -160,6 +162,7 @@ class TransformerStage(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         out_dim: int | None,
         depth: int,
@@ -171,7 +174,11 @@ class TransformerStage(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            TinyViTBlock(dim, num_heads, window_size, mlp_ratio, num_controllers) for _ in range(depth)
+            TinyViTBlock(
+                dim=dim, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
+                num_controllers=num_controllers,
+            )
+            for _ in range(depth)
         )
         self.downsample = PatchMerging(dim, out_dim, merge_stride) if out_dim is not None else None
 
@@ -188,6 +195,7 @@ class TinyViTTrunk(nn.Module):
 
     def __init__(
         self,
+        *,
         in_chans: int,
         embed_dims: tuple[int, ...],
         depths: tuple[int, ...],
@@ -201,20 +209,23 @@ class TinyViTTrunk(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         stages: list[nn.Module] = [
-            ConvStage(embed_dims[0], embed_dims[1], depths[0], mbconv_expand_ratio, merge_strides[0])
+            ConvStage(
+                dim=embed_dims[0], out_dim=embed_dims[1], depth=depths[0], expand_ratio=mbconv_expand_ratio,
+                merge_stride=merge_strides[0],
+            )
         ]
         for i in range(1, len(embed_dims)):
             last = i == len(embed_dims) - 1
             stages.append(
                 TransformerStage(
-                    embed_dims[i],
-                    None if last else embed_dims[i + 1],
-                    depths[i],
-                    num_heads[i],
-                    window_sizes[i],
-                    mlp_ratio,
-                    num_controllers,
-                    1 if last else merge_strides[i],
+                    dim=embed_dims[i],
+                    out_dim=None if last else embed_dims[i + 1],
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    window_size=window_sizes[i],
+                    mlp_ratio=mlp_ratio,
+                    num_controllers=num_controllers,
+                    merge_stride=1 if last else merge_strides[i],
                 )
             )
         self.layers = nn.ModuleList(stages)

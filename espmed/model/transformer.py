@@ -52,6 +52,7 @@ class TwoWayAttentionBlock(nn.Module):
 
     def __init__(
         self,
+        *,
         embedding_dim: int,
         num_heads: int,
         mlp_dim: int,
@@ -91,11 +92,14 @@ class TwoWayTransformer(nn.Module):
     token->image attention."""
 
     def __init__(
-        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int = 2
+        self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int = 2
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, i == 0)
+            TwoWayAttentionBlock(
+                embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim,
+                attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=i == 0,
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
