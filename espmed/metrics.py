@@ -1,4 +1,7 @@
-"""Segmentation metrics for one binary 2-D prediction against its ground truth, via MONAI.
+"""Segmentation metrics for one binary 2-D prediction against its ground truth.
+
+Dice and IoU are the one definition in `espmed.runtimes.masks` (the gate, runtime and bench use it
+too); HD95 and NSD come from MONAI.
 
 Empty masks are decided here, before MONAI (whose distance metrics are undefined for them):
 - both empty: Dice 1, IoU 1, NSD 1, HD95 0 (a perfect answer to "there is nothing here");
@@ -18,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from espmed.runtimes.masks import dice, iou
+
 METRIC_NAMES = ("dice", "iou", "hd95", "nsd")
 
 
@@ -32,45 +37,29 @@ def segmentation_metrics(
     t = np.asarray(truth).astype(bool)
     if p.shape != t.shape or p.ndim != 2:
         raise ValueError(f"prediction {p.shape} and ground truth {t.shape} must be equal 2-D shapes")
+    overlap = {"dice": dice(p, t), "iou": iou(p, t)}  # 1 when both are empty, 0 when one is
     p_empty, t_empty = not p.any(), not t.any()
     if p_empty and t_empty:
-        return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
+        return {**overlap, "hd95": 0.0, "nsd": 1.0}
     if p_empty or t_empty:
         diagonal = math.hypot(p.shape[0] * spacing[0], p.shape[1] * spacing[1])
-        return {"dice": 0.0, "iou": 0.0, "hd95": diagonal, "nsd": 0.0}
+        return {**overlap, "hd95": diagonal, "nsd": 0.0}
     with warnings.catch_warnings():
         # MONAI 1.6 warns about its own internal use of a deprecated argument in get_mask_edges.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-        return _monai_metrics(p, t, spacing, nsd_tolerance)
+        return {**overlap, **_monai_distances(p, t, spacing, nsd_tolerance)}
 
 
-def _monai_metrics(p: np.ndarray, t: np.ndarray, spacing: Sequence[float], nsd_tolerance: float) -> dict[str, float]:
+def _monai_distances(p: np.ndarray, t: np.ndarray, spacing: Sequence[float], nsd_tolerance: float) -> dict[str, float]:
     import torch
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric
+    from monai.metrics import HausdorffDistanceMetric, SurfaceDiceMetric
 
     yp = torch.from_numpy(p)[None, None].float()
     yt = torch.from_numpy(t)[None, None].float()
-    dice = DiceMetric(include_background=True, reduction="none")(yp, yt)
-    iou = MeanIoU(include_background=True, reduction="none")(yp, yt)
     hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
         yp, yt, spacing=list(spacing)
     )
     nsd = SurfaceDiceMetric([nsd_tolerance], include_background=True, reduction="none")(
         yp, yt, spacing=list(spacing)
     )
-    return {
-        "dice": float(dice.item()),
-        "iou": float(iou.item()),
-        "hd95": float(hd95.item()),
-        "nsd": float(nsd.item()),
-    }
-
-
-def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice alone, with the same empty-mask rule (fast path for validation during training)."""
-    p = np.asarray(pred).astype(bool)
-    t = np.asarray(truth).astype(bool)
-    total = int(p.sum()) + int(t.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, t).sum()) / total
+    return {"hd95": float(hd95.item()), "nsd": float(nsd.item())}

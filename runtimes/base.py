@@ -16,6 +16,7 @@ import numpy as np
 
 from espmed.errors import ArtifactError, ModalityError
 
+from .masks import mask_from_logits
 from .metadata import ArtifactMetadata
 from .preprocess import Letterbox, patch_region, preprocess, restore_logits, sigmoid
 
@@ -121,14 +122,14 @@ class Segmenter:
         for start in range(0, len(images), chunk):
             part = images[start : start + chunk]
             t0 = time.perf_counter()
-            pre = [preprocess(im, self.input_size, self._mean, self._std) for im in part]
+            pre = [self.preprocess(im) for im in part]
             t1 = time.perf_counter()
             lowres, patches = self.run(np.stack([x for x, _ in pre]))
             t2 = time.perf_counter()
             n = len(part)
             for i, (_, box) in enumerate(pre):
                 t3 = time.perf_counter()
-                pred = self._postprocess(lowres[i, 0], patches[i, 0], box, return_logits)
+                pred = self.postprocess(lowres[i, 0], patches[i, 0], box, return_logits)
                 pred.timings = {
                     "preprocess": (t1 - t0) * 1e3 / n,
                     "infer": (t2 - t1) * 1e3 / n,
@@ -137,10 +138,18 @@ class Segmenter:
                 results.append(pred)
         return results
 
-    def _postprocess(self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool) -> Prediction:
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+        """One image -> model input (3, S, S) float32 with this artifact's normalisation, and its letterbox."""
+        return preprocess(image, self.input_size, self._mean, self._std)
+
+    def postprocess(self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool = False) -> Prediction:
+        """One image's graph outputs (lowres (S/4, S/4), patches (S/32, S/32)) -> its Prediction.
+
+        Public so that the export gate judges an artifact by exactly this step.
+        """
         logits = restore_logits(lowres, box)
         return Prediction(
-            mask=logits >= self._threshold,
+            mask=mask_from_logits(logits, self._threshold),
             probability=sigmoid(logits),
             patch_map=sigmoid(patch_region(patches, box)),
             logits=logits if keep_logits else None,

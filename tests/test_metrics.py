@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from espmed.metrics import dice_score, segmentation_metrics
+from espmed.metrics import segmentation_metrics
+from espmed.runtimes.masks import dice, iou, mask_from_logits
 
 
 def _square(shape, r0, r1, c0, c1):
@@ -26,7 +27,7 @@ def test_shifted_square_known_values():
     assert m["hd95"] == pytest.approx(2.0)
     assert m["nsd"] == pytest.approx(1.0)  # every boundary point within the 2 px tolerance
     assert segmentation_metrics(a, b, nsd_tolerance=1.0)["nsd"] < 1.0
-    assert dice_score(a, b) == pytest.approx(m["dice"], abs=1e-6)
+    assert dice(a, b) == pytest.approx(m["dice"], abs=1e-6) and iou(a, b) == pytest.approx(m["iou"], abs=1e-6)
 
 
 def test_hd95_matches_a_distance_transform():
@@ -53,10 +54,21 @@ def test_empty_masks():
         m = segmentation_metrics(pred, truth)
         assert m["dice"] == 0.0 and m["iou"] == 0.0 and m["nsd"] == 0.0
         assert m["hd95"] == pytest.approx(math.hypot(30, 40))  # the image diagonal: worst finite value
-    assert dice_score(empty, empty) == 1.0 and dice_score(empty, full) == 0.0
+    assert dice(empty, empty) == iou(empty, empty) == 1.0 and dice(empty, full) == iou(full, empty) == 0.0
     assert segmentation_metrics(full, empty, spacing=(2.0, 0.5))["hd95"] == pytest.approx(math.hypot(60, 20))
 
 
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="equal 2-D shapes"):
         segmentation_metrics(np.zeros((4, 4), bool), np.zeros((4, 5), bool))
+
+
+def test_mask_rule_counts_a_logit_at_the_threshold_as_foreground():
+    logits = np.array([[-0.5, 0.0], [0.25, 1.0]], np.float32)
+    assert mask_from_logits(logits, 0.0).tolist() == [[False, True], [True, True]]
+    assert mask_from_logits(logits, 0.25).tolist() == [[False, False], [True, True]]
+
+
+def test_dice_refuses_masks_of_different_shapes():
+    with pytest.raises(ValueError, match="mask shapes differ"):
+        dice(np.zeros((4, 4), bool), np.zeros((4, 5), bool))

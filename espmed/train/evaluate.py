@@ -16,8 +16,9 @@ import torch
 
 from ..atomic import write_bytes, write_text
 from ..data.sources import Sample
-from ..metrics import METRIC_NAMES, dice_score, segmentation_metrics
+from ..metrics import METRIC_NAMES, segmentation_metrics
 from ..model import ESPMedSAM
+from ..runtimes.masks import dice, mask_from_logits
 from ..runtimes.preprocess import preprocess, restore_logits
 
 
@@ -55,7 +56,7 @@ def mean_dice_by_modality(model: ESPMedSAM, samples: Sequence[Sample], batch_siz
     threshold = model.config.preprocessing.mask_threshold
     scores: dict[str, list[float]] = defaultdict(list)
     for s, logits in zip(samples, predict_logits(model, samples, batch_size)):
-        scores[s.modality].append(dice_score(logits >= threshold, s.mask))
+        scores[s.modality].append(dice(mask_from_logits(logits, threshold), s.mask))
     return {m: float(np.mean(v)) for m, v in scores.items()}
 
 
@@ -105,7 +106,7 @@ def evaluate(
 
         iterator = track(iterator, total=len(samples), description="metrics")
     for s, lg in iterator:
-        pred = lg >= threshold
+        pred = mask_from_logits(lg, threshold)
         metrics = segmentation_metrics(pred, s.mask, nsd_tolerance=nsd_tolerance)
         rows.append({
             "name": s.name,
