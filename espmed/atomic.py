@@ -34,9 +34,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
         os.chmod(tmp_path, 0o666 & ~_umask())
-        _fsync_file(tmp_path)
+        _fsync(tmp_path)
         os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -78,16 +78,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_file(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a rename is durable only once its folder is synced)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
