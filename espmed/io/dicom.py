@@ -53,15 +53,24 @@ def read_dataset(path: str | Path, header_only: bool = False):
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
     """The instance's frames, display-scaled to uint8 (gray) or RGB uint8."""
+    return _header_checked(_dicom_frames, ds, path)
+
+
+def stored_pixels(ds, path: Path) -> np.ndarray:
+    """The stored values as pydicom decodes them (frames first when several), size-checked from the header."""
+    return _header_checked(_stored_pixels, ds, path)
+
+
+def _header_checked(read, ds, path: Path):
     try:
-        return _dicom_frames(ds, path)
+        return read(ds, path)
     except ImageReadError:
         raise
     except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
         raise ImageReadError(f"{path}: malformed DICOM header ({reason(exc)})") from None
 
 
-def _dicom_frames(ds, path: Path) -> list[np.ndarray]:
+def _stored_pixels(ds, path: Path) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -69,9 +78,15 @@ def _dicom_frames(ds, path: Path) -> list[np.ndarray]:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     check_declared_size(path, (n_frames, rows, cols, samples), (rows, cols))
     try:
-        pixels = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:  # pydicom: ValueError for short data, RuntimeError for no decoder, ...
         raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({reason(exc)})") from None
+
+
+def _dicom_frames(ds, path: Path) -> list[np.ndarray]:
+    pixels = _stored_pixels(ds, path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = pixels if (n_frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == n_frames) else pixels[None]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
