@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, first_line
 
 #: Largest single frame accepted (pixels); checked against the declared size before decoding.
 MAX_FRAME_PIXELS = 1 << 27  # 134 M pixels, e.g. 11585 x 11585
@@ -64,12 +64,34 @@ def check_declared_size(path: Path, shape: tuple[int, ...], frame_hw: tuple[int,
         )
 
 
-def reason(exc: BaseException, limit: int = 240) -> str:
-    """A library exception as one short line: 'Type: message' with newlines folded."""
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def check_volume_size(path: Path, shape: tuple[int, ...], axis: int) -> None:
+    """`check_declared_size` for a 2-D image, or a 3-D volume cut into slices along `axis`."""
+    if len(shape) == 3 and axis not in (0, 1, 2):
+        raise ImageReadError(f"{path}: slice axis must be 0, 1 or 2, got {axis}")
+    in_plane = [s for i, s in enumerate(shape) if len(shape) == 2 or i != axis]
+    check_declared_size(path, shape, (in_plane[0], in_plane[1]))
+
+
+def squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A volume's shape without trailing length-1 axes past the third (x, y, z, 1) -> (x, y, z)."""
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def existing_file(path: str | Path) -> Path:
+    """`path` as a Path, refused when it is missing or empty (before any decoder sees it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file")
+    return path
+
+
+def read_error(path: Path, what: str, exc: BaseException) -> ImageReadError:
+    """A decoder's exception as one line naming the file: '<path>: <what> (<Type>: <first line>)'."""
+    return ImageReadError(f"{path}: {what} ({first_line(exc, with_type=True)})")
 
 
 def check_finite(path: Path, array: np.ndarray) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_open
-from ..errors import ImageReadError
-from .common import MedicalImage, check_declared_size, check_finite, reason, scale_to_uint8
+from ..errors import ImageReadError, first_line
+from .common import MedicalImage, check_declared_size, check_finite, read_error, scale_to_uint8
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 #: Window (center, width) used when a file carries none, by Modality.
@@ -46,9 +46,9 @@ def read_dataset(path: str | Path, header_only: bool = False):
     try:
         return pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
-        raise ImageReadError(f"{path}: not a DICOM file ({reason(exc)})") from None
+        raise read_error(path, "not a DICOM file", exc) from None
     except Exception as exc:  # pydicom raises assorted types, e.g. a bare-Exception BytesLengthException
-        raise ImageReadError(f"{path}: corrupt DICOM file ({reason(exc)})") from None
+        raise read_error(path, "corrupt DICOM file", exc) from None
 
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
@@ -67,7 +67,7 @@ def _header_checked(read, ds, path: Path):
     except ImageReadError:
         raise
     except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
-        raise ImageReadError(f"{path}: malformed DICOM header ({reason(exc)})") from None
+        raise read_error(path, "malformed DICOM header", exc) from None
 
 
 def _stored_pixels(ds, path: Path) -> np.ndarray:
@@ -80,7 +80,7 @@ def _stored_pixels(ds, path: Path) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom: ValueError for short data, RuntimeError for no decoder, ...
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data ({reason(exc)})") from None
+        raise read_error(path, "cannot decode DICOM pixel data", exc) from None
 
 
 def _dicom_frames(ds, path: Path) -> list[np.ndarray]:
@@ -262,7 +262,8 @@ def write_dicom_seg(
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         source = getattr(first, "filename", None) or path
-        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({reason(exc)}); use --format png") from None
+        why = first_line(exc, with_type=True)
+        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({why}); use --format png") from None
     with atomic_open(path, "wb") as fh:
         seg.save_as(fh)
     return path

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..atomic import write_bytes
 from ..errors import ImageReadError
-from .common import MedicalImage, check_declared_size, check_finite, reason, scale_to_uint8
+from .common import MedicalImage, check_declared_size, check_finite, read_error, scale_to_uint8
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_PERCENTILES = (0.5, 99.5)
@@ -34,7 +34,7 @@ def read_nifti(path: str | Path, axis: int = 2) -> MedicalImage:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.header.get_data_shape())
     except Exception as exc:  # nibabel: ImageFileError, HeaderDataError, gzip/EOF errors
-        raise ImageReadError(f"{path}: not a readable NIfTI file ({reason(exc)})") from None
+        raise read_error(path, "not a readable NIfTI file", exc) from None
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) not in (2, 3):
@@ -46,7 +46,7 @@ def read_nifti(path: str | Path, axis: int = 2) -> MedicalImage:
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated or corrupt data block
-        raise ImageReadError(f"{path}: corrupt NIfTI data ({reason(exc)})") from None
+        raise read_error(path, "corrupt NIfTI data", exc) from None
     check_finite(path, data)
     low, high = np.percentile(data, VOLUME_PERCENTILES)
     if high <= low:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
-from .common import MedicalImage, check_declared_size, check_finite, reason
+from .common import MedicalImage, check_declared_size, check_finite, read_error
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -46,9 +46,9 @@ def _read_pillow(path: Path) -> np.ndarray:
     except ImageReadError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({reason(exc)})") from None
+        raise read_error(path, "not a readable image", exc) from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise ImageReadError(f"{path}: corrupt or truncated image ({reason(exc)})") from None
+        raise read_error(path, "corrupt or truncated image", exc) from None
 
 
 def _pillow_to_array(im) -> np.ndarray:
@@ -78,7 +78,7 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
-        raise ImageReadError(f"{path}: corrupt or unreadable TIFF ({reason(exc)})") from None
+        raise read_error(path, "corrupt or unreadable TIFF", exc) from None
     # Move Y, X (and samples S) last; every other axis enumerates frames.
     order = [i for i, a in enumerate(axes) if a not in "YXS"] + [axes.index("Y"), axes.index("X")]
     if "S" in axes:
