@@ -350,7 +350,9 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
 
 
 def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, options: dict) -> list[Path]:
-    from . import engine_header, quantize, tensorrt_export as trtx
+    from espmed.runtimes import engine_header
+
+    from . import quantize, tensorrt_export as trtx
 
     source = ctx.fp32_onnx
     if ctx.target.precision == "int8":

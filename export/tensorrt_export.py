@@ -14,9 +14,8 @@ import numpy as np
 import onnx
 
 from espmed.errors import BackendUnavailableError, ExportError
+from espmed.runtimes.engine_header import EngineBuildInfo
 from espmed.runtimes.metadata import INPUT_NAME
-
-from .engine_header import EngineBuildInfo
 
 #: ONNX ops this graph family may contain that TensorRT 10's ONNX parser supports
 #: (subset of onnx-tensorrt's operators.md that covers what the exporter emits).

@@ -2,11 +2,11 @@
 
     b"ESPMEDTRT\\0" | uint64 little-endian header length | ArtifactMetadata JSON (UTF-8) | engine
 
-Same layout as `espmed.runtimes.tensorrt_engine` reads. The TensorRT version, GPU name and compute
-capability the engine was built with live in `metadata.extra` (`tensorrt_version`, `gpu_name`,
-`compute_capability`). A serialized engine only runs on the TensorRT version and GPU
+The exporter writes it (`write_engine`), `espmed.runtimes.tensorrt_engine` reads it. The TensorRT
+version, GPU name and compute capability the engine was built with live in `metadata.extra`
+(`tensorrt_version`, `gpu_name`, `compute_capability`). A serialized engine only runs on the TensorRT version and GPU
 architecture that built it, so `check_compatible` refuses a mismatch before deserializing.
-Torch-free and TensorRT-free: runtimes may import this module.
+Torch-free and TensorRT-free, so the header is checked before TensorRT is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from espmed.atomic import atomic_open
 from espmed.errors import ArtifactError
-from espmed.runtimes.metadata import ArtifactMetadata
+
+from .metadata import ArtifactMetadata
 
 MAGIC = b"ESPMEDTRT\x00"
 _LENGTH = struct.Struct("<Q")

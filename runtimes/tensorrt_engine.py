@@ -1,9 +1,9 @@
 """TensorRT backend: an espmed engine file, run with pycuda buffers and `execute_async_v3`.
 
 The engine file format (magic, length-prefixed JSON header, serialised engine) and the
-TensorRT-version / GPU compatibility check live in `espmed.export.engine_header` (torch-free), so
-writer and reader share one definition. A mismatching engine is refused before deserialising.
-Running needs an NVIDIA GPU with `tensorrt` and `pycuda` installed.
+TensorRT-version / GPU compatibility check live in `engine_header` beside this module, which the
+exporter imports too, so writer and reader share one definition. A mismatching engine is refused
+before deserialising. Running needs an NVIDIA GPU with `tensorrt` and `pycuda` installed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from espmed.errors import ArtifactError, BackendUnavailableError
 
 from .base import Segmenter
+from .engine_header import EngineBuildInfo, check_compatible, read_engine
 
 
 def _import_tensorrt():
@@ -33,8 +34,6 @@ class TensorRtSegmenter(Segmenter):
     backend = "tensorrt"
 
     def __init__(self, path: str | Path, device: str = "CUDA:0") -> None:
-        from espmed.export.engine_header import EngineBuildInfo, check_compatible, read_engine
-
         path = Path(path)
         meta, engine_bytes = read_engine(path)
         super().__init__(meta, path)

@@ -495,8 +495,8 @@ def _engine(name: str, trt_version: str, gpu: str, cc: str, tamper: bool = False
     """An espmed engine file (header + an opaque plan) with its manifest, optionally tampered."""
 
     def build(d: Path, ctx: Context) -> Case:
-        from espmed.export.engine_header import write_engine
         from espmed.export.manifest import manifest_dict, manifest_path
+        from espmed.runtimes.engine_header import write_engine
 
         meta = engine_metadata(ctx, trt_version, gpu, cc)
         path = write_engine(d / name, meta, b"serialized TensorRT plan " * 64)

@@ -13,11 +13,11 @@ import torch
 from onnx import TensorProto, helper
 
 from espmed.errors import ArtifactError, ExportError
-from espmed.export import engine_header as eh
 from espmed.export.graph import ExportGraph
 from espmed.export.onnx_export import export_onnx, save_onnx
 from espmed.export.tensorrt_export import FP32_PINNED_OPS, plan_matcher, precision_plan, preflight
 from espmed.model import ESPMedSAM, get_preset
+from espmed.runtimes import engine_header as eh
 from espmed.runtimes.metadata import ArtifactMetadata
 
 

@@ -152,10 +152,10 @@ def outcomes_table(rows: list[dict]) -> str:
 # -- library -------------------------------------------------------------------------------------
 def run_library(entry, case: Case, ctx: Context, seg) -> str:
     """Exercise the input as library code would; returns a short description of the result."""
-    from espmed.export.engine_header import EngineBuildInfo, check_compatible, read_metadata
     from espmed.io import read_image
     from espmed.model import load_checkpoint
     from espmed.runtimes import load
+    from espmed.runtimes.engine_header import EngineBuildInfo, check_compatible, read_metadata
 
     if entry.kind == "image":
         image = read_image(case.path)
@@ -325,8 +325,8 @@ def test_missing_member_and_manifest_metadata_mismatch(context, tmp_path):
 def test_engine_header_tampering_is_caught_before_tensorrt(context, tmp_path):
     """The engine header (TensorRT version, GPU) is covered by the manifest hash and parsed safely."""
     from espmed.errors import ArtifactError
-    from espmed.export.engine_header import MAGIC, read_engine
     from espmed.runtimes import load
+    from espmed.runtimes.engine_header import MAGIC, read_engine
 
     from .bad_inputs import _engine
 

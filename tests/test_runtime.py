@@ -222,7 +222,7 @@ def _engine_metadata(artifacts) -> ArtifactMetadata:
 
 
 def test_tensorrt_engine_header_is_checked_before_tensorrt_is_needed(artifacts, tmp_path):
-    from espmed.export.engine_header import pack
+    from espmed.runtimes.engine_header import pack
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(pack(_engine_metadata(artifacts), b"serialized-engine-bytes"))
@@ -261,7 +261,7 @@ sys.meta_path.insert(0, _NoTorch())
 
 
 def test_runtime_and_io_import_and_run_without_torch(artifacts, tmp_path):
-    from espmed.export.engine_header import pack
+    from espmed.runtimes.engine_header import pack
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(pack(_engine_metadata(artifacts), b"serialized-engine-bytes"))
