@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ExportError, ImageReadError
+from espmed.errors import ExportError
+from espmed.io import FRAME_SUFFIXES, read_frame
 from espmed.runtimes.preprocess import Letterbox, preprocess
 
 from .manifest import files_sha256
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 
 
 @dataclass
@@ -52,27 +51,10 @@ def default_calibration_dir() -> Path:
 def image_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise ExportError(f"{directory}: calibration folder not found")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
-        raise ExportError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate with")
+        raise ExportError(f"{directory}: no images ({', '.join(FRAME_SUFFIXES)}) to calibrate with")
     return files
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A 2-D image file as an array (any dtype; `preprocess` scales it)."""
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            return tifffile.imread(path)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im)
-    except Exception as exc:
-        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
 def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
@@ -81,7 +63,7 @@ def load_calibration(directory: str | Path | None, input_size: int, mean, std) -
     files = image_files(source)
     loaded = []
     for f in files:
-        x, box = preprocess(read_image(f), input_size, mean, std)
+        x, box = preprocess(read_frame(f), input_size, mean, std)
         loaded.append(CalibrationImage(f, x, box))
     if len(loaded) == 1:
         calib, held = loaded, loaded

@@ -78,7 +78,7 @@ def test_modality_is_required_and_bad_specs_are_clear(tmp_path):
         load_samples({"kind": "zip", "modality": "x"})
     (tmp_path / "img" / "x2.png").write_bytes(b"not a png")
     _, _ = _write_pair(tmp_path / "other", tmp_path / "msk", "x2")
-    with pytest.raises(ImageReadError, match="x2.png: cannot read image"):
+    with pytest.raises(ImageReadError, match="x2.png: not a readable image"):
         load_samples({"kind": "folder", "images": "img", "masks": "msk", "modality": "x"}, base=tmp_path)
 
 

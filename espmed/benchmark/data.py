@@ -3,7 +3,8 @@
 A folder may hold a `samples.json` index (a list of `{"file", "modality", "mask"}` entries, as the
 bundled `espmed/assets/samples/` does); otherwise every image file in it is used, and a mask is
 the file of the same name in its `masks/` subfolder. Torch-free: the benchmark worker reads the
-same list.
+same list. Images are read with `espmed.io.read_frame` (as `espmed predict` sees them), masks with
+`espmed.io.read_mask`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
 from espmed.errors import ImageReadError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
+from espmed.io import FRAME_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
         except (ValueError, KeyError, TypeError) as exc:
             raise ImageReadError(f"{index}: malformed sample index ({exc})") from None
     else:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
         samples = []
         for p in files:
             mask = folder / "masks" / p.name
@@ -67,27 +65,5 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
             if path is not None and not Path(path).is_file():
                 raise ImageReadError(f"{path}: listed in {folder} but missing")
     if not samples:
-        raise ImageReadError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise ImageReadError(f"{folder}: no images ({', '.join(FRAME_SUFFIXES)}) found")
     return samples
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """A 2-D image as an array (gray, RGB or RGBA, any dtype) from an image file or `.npy`."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad input file
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from None
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A ground-truth mask as bool (H, W): any non-zero pixel is foreground."""
-    a = read_image(path)
-    if a.ndim == 3:
-        a = a[..., 0]
-    return a != 0

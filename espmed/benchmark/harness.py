@@ -27,8 +27,9 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text
 from ..errors import EspmedError, first_line
+from ..io import read_frame, read_mask
 from . import machine
-from .data import Sample, list_samples, read_image, read_mask
+from .data import Sample, list_samples
 from .metrics import agreement, ground_truth_scores
 
 REFERENCE = "torch"
@@ -203,7 +204,7 @@ def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Cal
             log(f"reusing random weights {path}")
         else:
             log(f"making seeded random weights (seed {opts.seed}) at {cfg.image_size}x{cfg.image_size}")
-            x = torch.from_numpy(np.stack([preprocess(read_image(s.image), cfg.image_size, pre.mean, pre.std)[0] for s in samples]))
+            x = torch.from_numpy(np.stack([preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std)[0] for s in samples]))
             model, placement = random_model(cfg, opts.seed, x, modality)
             save_checkpoint(model, path, metadata={"espmed.bench.random_weights": json.dumps(key, sort_keys=True)})
             weights = {"kind": "random", "key": key, **placement}

@@ -39,7 +39,7 @@ def measure(spec: dict, t0: float) -> dict:
     import numpy as np
 
     from espmed.atomic import atomic_open
-    from espmed.benchmark.data import read_image
+    from espmed.io import read_frame
     from espmed.runtimes import load
     from espmed.runtimes.preprocess import preprocess
 
@@ -54,7 +54,7 @@ def measure(spec: dict, t0: float) -> dict:
     )
     t_loaded = time.time()
     samples = spec["samples"]
-    first = seg.predict(read_image(samples[0]["image"]))
+    first = seg.predict(read_frame(samples[0]["image"]))
     t_first = time.time()
     result = {
         "status": "ok",
@@ -70,7 +70,7 @@ def measure(spec: dict, t0: float) -> dict:
         result["peak_rss_mb"] = _peak_rss_mb()
         return result
 
-    images = [read_image(s["image"]) for s in samples]
+    images = [read_frame(s["image"]) for s in samples]
     logits, e2e = {}, []
     for s, image in zip(samples, images):
         t = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Segmentation data: readers for the release/folder/CSV/volume layouts, the reference task's real
-data, MONAI augmentation and the training dataset (shared numpy preprocessing)."""
+"""Segmentation data: the release/folder/CSV/volume layouts (files read by `espmed.io`), the reference
+task's real data, MONAI augmentation and the training dataset (shared numpy preprocessing)."""
 
 from .dataset import EpochSampler, SegmentationDataset, TrainItem, letterbox_mask
-from .sources import Sample, read_image, read_mask
+from .sources import Sample
 from .specs import DatasetSpecError, load_samples, train_items
 
 __all__ = [
@@ -13,7 +13,5 @@ __all__ = [
     "TrainItem",
     "letterbox_mask",
     "load_samples",
-    "read_image",
-    "read_mask",
     "train_items",
 ]

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
-from .sources import Sample, read_image, read_mask, volume_slices
+from ..io import read_mask, read_pixels
+from .sources import Sample, volume_slices
 
 NUCLEI_DIR = Path(__file__).resolve().parents[1] / "assets" / "datasets" / "nuclei"
 SPLITS = ("train", "valid", "test", "unseen")
@@ -61,7 +62,7 @@ def nuclei_samples(split: str, modality: str = "microscopy") -> list[Sample]:
     _check_split(split)
     if split == "unseen":
         return []
-    image = read_image(NUCLEI_DIR / "dsb2018_img2d.png")
+    image = read_pixels(NUCLEI_DIR / "dsb2018_img2d.png")
     mask = read_mask(NUCLEI_DIR / "dsb2018_mask2d.png")
     if split == "train":
         return [Sample("dsb2018_left", image[:, :256].copy(), mask[:, :256].copy(), modality)]

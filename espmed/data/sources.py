@@ -1,14 +1,15 @@
 """Where segmentation samples come from: files on disk in the layouts espmed understands.
 
-Every reader returns `Sample`s: a 2-D image (any dtype, gray or RGB), a boolean mask of the same
+Every layout returns `Sample`s: a 2-D image (any dtype, gray or RGB), a boolean mask of the same
 height and width, and the modality the dataset config declares (never guessed from file names).
+Files are read by `espmed.io`'s checked readers, as stored (`read_pixels`, `read_mask`, `read_volume`).
 
 Layouts:
 - release: `<root>/image_<name>/`, `<root>/mask_<name>/` and `<root>/<name>_data_split.json` with
   `train` / `valid` / `test` lists of file names (the ESP-MedSAM release's layout);
 - folder: an images folder and a masks folder, paired by file stem;
 - csv: a CSV with `image` and `mask` columns (paths relative to the CSV);
-- volume: a NIfTI file or a DICOM series folder plus a mask volume, read as 2-D slices.
+- volume: a NIfTI or NRRD file or a DICOM series folder plus a mask volume, read as 2-D slices.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ImageReadError, first_line
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".dcm")
+from ..errors import ImageReadError
+from ..io import PIXEL_SUFFIXES, read_mask, read_pixels, read_volume
 
 
 @dataclass(frozen=True)
@@ -37,50 +37,8 @@ class Sample:
     domain: str = "seen"  # "seen" or "unseen": how `espmed eval` splits its summary
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """A 2-D image array from PNG/JPEG/BMP/TIFF/NPY/DICOM (single frame)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such image file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            a = tifffile.imread(path)
-        elif suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-        elif suffix == ".dcm":
-            import pydicom
-
-            a = pydicom.dcmread(path).pixel_array
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                a = np.asarray(im)
-    except ImageReadError:
-        raise
-    except Exception as exc:  # each reader raises its own types for corrupt files
-        raise ImageReadError(f"{path}: cannot read image ({first_line(exc)})") from None
-    a = np.asarray(a)
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim not in (2, 3):
-        raise ImageReadError(f"{path}: expected a 2-D image, got an array of shape {a.shape}")
-    return a
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A boolean mask: any non-zero pixel (label, 255, instance id) is foreground."""
-    a = read_image(path)
-    if a.ndim == 3:
-        a = a[..., 0]
-    return a > 0
-
-
 def _pair(name: str, image_path: Path, mask_path: Path, modality: str, domain: str) -> Sample:
-    image, mask = read_image(image_path), read_mask(mask_path)
+    image, mask = read_pixels(image_path), read_mask(mask_path)
     if image.shape[:2] != mask.shape:
         raise ImageReadError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {image.shape[0]}x{image.shape[1]}")
     return Sample(name, image, mask, modality, domain)
@@ -91,7 +49,7 @@ def _find(folder: Path, stem_or_name: str) -> Path:
     if direct.is_file():
         return direct
     stem = Path(stem_or_name).stem
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in PIXEL_SUFFIXES:
         p = folder / f"{stem}{suffix}"
         if p.is_file():
             return p
@@ -122,9 +80,9 @@ def folder_layout(images: str | Path, masks: str | Path, modality: str, domain: 
     images, masks = Path(images), Path(masks)
     if not images.is_dir():
         raise ImageReadError(f"{images}: no such images folder")
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in PIXEL_SUFFIXES)
     if not files:
-        raise ImageReadError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ImageReadError(f"{images}: no images ({', '.join(PIXEL_SUFFIXES)})")
     return [_pair(p.stem, p, _find(masks, p.stem), modality, domain) for p in files]
 
 
@@ -141,40 +99,6 @@ def csv_layout(path: str | Path, modality: str, domain: str = "seen") -> list[Sa
         _pair(Path(r["image"]).stem, path.parent / r["image"], path.parent / r["mask"], modality, domain)
         for r in rows
     ]
-
-
-def read_volume(path: str | Path) -> np.ndarray:
-    """A 3-D array (x, y, z) from a NIfTI file or a folder of single-frame DICOM slices."""
-    path = Path(path)
-    if path.is_dir():
-        import pydicom
-
-        slices = []
-        for p in sorted(path.iterdir()):
-            try:
-                ds = pydicom.dcmread(p)
-            except Exception:  # not a DICOM file: skip it, the folder may hold other files
-                continue
-            if "PixelData" in ds:
-                pos = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else float(ds.get("InstanceNumber", len(slices)))
-                slices.append((pos, ds.pixel_array.T))
-        if not slices:
-            raise ImageReadError(f"{path}: no DICOM slices with pixel data")
-        slices.sort(key=lambda s: s[0])
-        return np.stack([s[1] for s in slices], axis=-1)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such volume file")
-    import nibabel as nib
-
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise ImageReadError(f"{path}: cannot read volume ({first_line(exc)})") from None
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ImageReadError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    return data
 
 
 def volume_slices(
@@ -211,8 +135,8 @@ def volume_layout(
     min_foreground: int = 1,
     domain: str = "seen",
 ) -> list[Sample]:
-    """Slices of a NIfTI/DICOM volume and its mask; by default every slice with foreground."""
-    vol, msk = read_volume(image), read_volume(mask)
+    """Slices of a NIfTI/NRRD/DICOM volume and its mask; by default every slice with foreground."""
+    vol, msk = read_volume(image, axis), read_volume(mask, axis)
     if indices is None:
         area = (msk > 0).sum(axis=tuple(a for a in range(3) if a != axis))
         indices = [int(i) for i in np.flatnonzero(area >= min_foreground)]

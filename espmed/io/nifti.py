@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..atomic import write_bytes
 from ..errors import ImageReadError
-from .common import MedicalImage, check_declared_size, check_finite, read_error, scale_to_uint8
+from .common import MedicalImage, check_finite, check_volume_size, read_error, scale_to_uint8, squeeze_trailing
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_PERCENTILES = (0.5, 99.5)
@@ -25,29 +26,35 @@ def is_nifti_path(path: str | Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def read_nifti(path: str | Path, axis: int = 2) -> MedicalImage:
-    """A 2-D image or a 3-D volume (4-D with one volume) cut into slices along `axis`."""
+def decode_nifti(path: Path, *, axis: int, dtype: type | None = None) -> tuple[Any, np.ndarray]:
+    """The nibabel image and its data (2-D or 3-D, trailing length-1 axes dropped), size-checked first.
+
+    dtype: what nibabel scales the stored values to (None: its own choice, the stored dtype when the
+    file has no scaling). The limits apply to slices along `axis`.
+    """
     import nibabel as nib
 
-    path = Path(path)
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.header.get_data_shape())
     except Exception as exc:  # nibabel: ImageFileError, HeaderDataError, gzip/EOF errors
         raise read_error(path, "not a readable NIfTI file", exc) from None
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = squeeze_trailing(shape)
     if len(shape) not in (2, 3):
         raise ImageReadError(f"{path}: expected a 2-D or 3-D volume, got shape {shape}")
-    if len(shape) == 3 and axis not in (0, 1, 2):
-        raise ImageReadError(f"{path}: slice axis must be 0, 1 or 2, got {axis}")
-    in_plane = [s for i, s in enumerate(shape) if len(shape) == 2 or i != axis]
-    check_declared_size(path, shape, (in_plane[0], in_plane[1]))
+    check_volume_size(path, shape, axis)
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+        data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
     except Exception as exc:  # truncated or corrupt data block
         raise read_error(path, "corrupt NIfTI data", exc) from None
     check_finite(path, data)
+    return img, data
+
+
+def read_nifti(path: str | Path, axis: int = 2) -> MedicalImage:
+    """A 2-D image or a 3-D volume (4-D with one volume) cut into slices along `axis`."""
+    path = Path(path)
+    img, data = decode_nifti(path, axis=axis, dtype=np.float32)
     low, high = np.percentile(data, VOLUME_PERCENTILES)
     if high <= low:
         low, high = float(data.min()), float(data.max())
@@ -57,7 +64,7 @@ def read_nifti(path: str | Path, axis: int = 2) -> MedicalImage:
         axis = None
     else:
         frames = [np.ascontiguousarray(s) for s in np.moveaxis(volume, axis, 0)]
-    return MedicalImage(path, "nifti", frames, source=img, axis=axis, info={"shape": shape})
+    return MedicalImage(path, "nifti", frames, source=img, axis=axis, info={"shape": data.shape})
 
 
 def mask_volume(image: MedicalImage, masks: list[np.ndarray]) -> np.ndarray:

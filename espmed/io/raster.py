@@ -8,6 +8,7 @@ header before decoding.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,17 +21,17 @@ RASTER_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES
 
 
 def read_raster(path: str | Path) -> MedicalImage:
+    """The frames to segment: a TIFF's frames with Y, X (and samples) last; a Pillow image converted."""
     path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
-        frames = _read_tiff(path)
+        frames = _tiff_frames(*decode_tiff(path))
     else:
-        frames = [_read_pillow(path)]
-    for frame in frames:
-        check_finite(path, frame)
+        frames = [decode_pillow(path, _pillow_to_array)]
     return MedicalImage(path, "raster", frames, info={"dtype": str(frames[0].dtype)})
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def decode_pillow(path: Path, convert: Callable[[Any], np.ndarray] = np.asarray) -> np.ndarray:
+    """`convert(image)` of the decoded Pillow image (default: its values as stored, palette indices and all)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -42,13 +43,15 @@ def _read_pillow(path: Path) -> np.ndarray:
         with im:
             check_declared_size(path, (im.height, im.width, len(im.getbands())), (im.height, im.width))
             im.load()
-            return _pillow_to_array(im)
+            array = convert(im)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise read_error(path, "not a readable image", exc) from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         raise read_error(path, "corrupt or truncated image", exc) from None
+    check_finite(path, array)
+    return array
 
 
 def _pillow_to_array(im) -> np.ndarray:
@@ -60,7 +63,8 @@ def _pillow_to_array(im) -> np.ndarray:
     return np.asarray(im)
 
 
-def _read_tiff(path: Path) -> list[np.ndarray]:
+def decode_tiff(path: Path) -> tuple[np.ndarray, str]:
+    """The first series' values as stored, and its tifffile axes (e.g. "YX", "ZYX", "YXS")."""
     import tifffile
 
     try:
@@ -79,7 +83,12 @@ def _read_tiff(path: Path) -> list[np.ndarray]:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise read_error(path, "corrupt or unreadable TIFF", exc) from None
-    # Move Y, X (and samples S) last; every other axis enumerates frames.
+    check_finite(path, data)
+    return data, axes
+
+
+def _tiff_frames(data: np.ndarray, axes: str) -> list[np.ndarray]:
+    """Y, X (and samples S) moved last; every other axis enumerates frames."""
     order = [i for i, a in enumerate(axes) if a not in "YXS"] + [axes.index("Y"), axes.index("X")]
     if "S" in axes:
         order.append(axes.index("S"))
