@@ -1,4 +1,5 @@
-"""MMDKD: SAM teacher loading (no torchvision), embedding cache, stage 1/2 behaviour, MobileSAM init."""
+"""MMDKD: SAM teacher loading (no torchvision), embedding cache, the loss and its grid, stage 1/2
+behaviour, MobileSAM init, the distill CLI."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from espmed.runtimes.preprocess import preprocess
 
 from espmed.data.reference import mni152_slices, nuclei_samples
 from espmed.errors import CheckpointError
 from espmed.model import ESPMedSAM, get_preset
-from espmed.train.distill import distill
+from espmed.train.distill import distill, distill_autocast_dtype, embedding_loss, valid_grid
 from espmed.train.mobilesam import load_mobilesam_into
 from espmed.train.teacher import (
+    SAM_MEAN,
+    SAM_STD,
     TeacherEmbeddings,
     build_sam_encoder,
     infer_sam_encoder_args,
@@ -23,11 +28,15 @@ from espmed.train.teacher import (
     module_identity,
 )
 
-TINY_TEACHER = dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64, out_chans=32, window_size=2)
+TINY_TEACHER = dict(
+    embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64, out_chans=32, window_size=2
+)
 
 
 def _student(size=64):
-    cfg = get_preset("esp-medsam-tiny", image_size=size, modalities=("brain-mri", "microscopy"), controller_map=(0, 1), num_queries=3)
+    cfg = get_preset(
+        "esp-medsam-tiny", image_size=size, modalities=("brain-mri", "microscopy"), controller_map=(0, 1), num_queries=3
+    )
     torch.manual_seed(0)
     return ESPMedSAM(cfg)
 
@@ -105,26 +114,76 @@ def test_teacher_checkpoint_errors(tmp_path):
         load_sam_encoder(tmp_path / "pickle.pth")
 
 
+def _embeddings(teacher, cache_dir, identity=None, mean=SAM_MEAN, std=SAM_STD, size=64):
+    identity = identity or module_identity(teacher)
+    return TeacherEmbeddings(
+        teacher, kind="sam", identity=identity, input_size=size, mean=mean, std=std, cache_dir=cache_dir
+    )
+
+
 def test_embedding_cache(tmp_path, teacher, samples):
-    ident = module_identity(teacher)
-    first = TeacherEmbeddings(teacher, ident, 64, tmp_path)
+    first = _embeddings(teacher, tmp_path)
     a = [first(s.image) for s in samples[:3]]
     assert (first.hits, first.misses) == (0, 3) and a[0].shape == (32, 4, 4)
-    second = TeacherEmbeddings(teacher, ident, 64, tmp_path)
+    second = _embeddings(teacher, tmp_path)
     b = [second(s.image) for s in samples[:3]]
-    assert (second.hits, second.misses) == (3, 0) and all(torch.equal(x, y) for x, y in zip(a, b))
-    other = TeacherEmbeddings(teacher, "f" * 64, 64, tmp_path)
-    other(samples[0].image)
-    assert other.misses == 1  # another teacher never reuses these entries
+    assert (second.hits, second.misses) == (3, 0) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    image = samples[0].image
+    for other in (_embeddings(teacher, tmp_path, identity="f" * 64),  # another teacher,
+                  _embeddings(teacher, tmp_path, mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))):  # normalisation
+        other(image)
+        assert (other.hits, other.misses) == (0, 1)
+    assert _embeddings(teacher, tmp_path, size=32).key(image) != first.key(image)  # or input size: never these entries
+    assert first.describe() == {"kind": "sam", "sha256": first.identity, "input_size": 64, "mean": SAM_MEAN,
+                                "std": SAM_STD}
+
+
+def test_loss_and_cosine_cover_only_the_image_not_its_padding():
+    x, box = preprocess(np.zeros((100, 50), np.uint8), 64, (0, 0, 0), (1, 1, 1))  # resized to 64 x 32
+    valid = valid_grid(box, 4)
+    assert valid.tolist() == [[True, True, False, False]] * 4
+    torch.manual_seed(0)
+    target = torch.randn(1, 8, 4, 4)
+    pred = target.clone()
+    pred[..., 2:] = -target[..., 2:]  # wrong only in the padding
+    loss, mse, cosine = embedding_loss(pred, target, valid[None], cosine_weight=1.0)
+    assert float(loss) == float(mse) == 0.0 and abs(float(cosine) - 1.0) < 1e-6
+    loss, mse, cosine = embedding_loss(pred, target, torch.ones(1, 4, 4, dtype=torch.bool), cosine_weight=0.5)
+    assert abs(float(cosine)) < 1e-6 and abs(float(loss) - float(mse) - 0.5) < 1e-6
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
+    import espmed.benchmark.machine as machine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"bf16": False})
+    assert distill_autocast_dtype("auto", cpu) is None and distill_autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"bf16": True})
+    assert distill_autocast_dtype("auto", cpu) is torch.bfloat16 and distill_autocast_dtype("none", cpu) is None
+
+
+def test_embed_is_the_forward_embedding():
+    model = _student().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.embed(x, "microscopy"), model(x, "microscopy").embeddings)
+        mixed = model.embed(x, ["microscopy", "brain-mri"])
+        assert torch.allclose(mixed[1], model.embed(x[1:], "brain-mri")[0], atol=1e-5)
+    assert mixed.shape == (2, 64, 4, 4)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.embed(torch.zeros(1, 3, 40, 64), 0)
 
 
 def test_stage1_and_stage2_losses_fall_and_stage2_keeps_the_trunk(tmp_path, teacher, samples):
     model = _student()
-    embeddings = TeacherEmbeddings(teacher, module_identity(teacher), 64, tmp_path / "cache")
-    r1 = distill(model, samples, embeddings, None, stage1_epochs=8, batch_size=4, lr=2e-3, show_progress=False)
-    assert r1["stage1"][-1] < 0.5 * r1["stage1"][0]
+    embeddings = _embeddings(teacher, tmp_path / "cache")
+    r1 = distill(model, samples, stage1_teacher=embeddings, stage1_epochs=8, batch_size=4, lr=2e-3, cosine_weight=0.5,
+                 show_progress=False)
+    assert r1["stage1"][-1] < 0.5 * r1["stage1"][0] and r1["stage1_cosine"][-1] > r1["stage1_cosine"][0]
+    assert r1["teachers"] == {"stage1": embeddings.describe()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r2 = distill(model, samples, None, embeddings, stage2_epochs=8, batch_size=4, lr=2e-3, show_progress=False, out_dir=tmp_path / "out")
+    r2 = distill(model, samples, stage2_teacher=embeddings, stage2_epochs=8, batch_size=4, lr=2e-3, show_progress=False,
+                 out_dir=tmp_path / "out")
     for ctrl in (0, 1):
         losses = r2[f"stage2/{ctrl}"]
         assert losses[-1] < 0.9 * losses[0]
@@ -197,13 +256,16 @@ modality = "microscopy"
         return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
 
     out = tmp_path / "out"
-    r = cli("distill", "--config", str(cfg), "--teacher-checkpoint", str(tmp_path / "sam_tiny.pth"), "--epochs", "3",
-            "--out-dir", str(out), "--no-progress")
+    r = cli("distill", "--config", str(cfg), "--teacher", "sam", "--teacher-checkpoint", str(tmp_path / "sam_tiny.pth"),
+            "--epochs", "3", "--cosine-weight", "0.5", "--out-dir", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout[: r.stdout.rindex("}") + 1])
     assert len(result["stage1"]) == 3 and len(result["stage2/1"]) == 3 and "stage2/0" not in result
+    assert result["teachers"]["stage1"]["kind"] == "sam" and result["teachers"]["stage1"]["input_size"] == 64
     from espmed.model import load_checkpoint
 
     assert load_checkpoint(out / "distilled.safetensors").config.image_size == 64
-    r = cli("distill", "--config", str(cfg), "--out-dir", str(out))
-    assert r.returncode == 2 and "no teacher" in r.stderr and "Traceback" not in r.stderr
+    errors = ((("--teacher", "sam"), "needs a SAM ViT checkpoint"), (("--teacher", "dino"), "unknown teacher"))
+    for args, message in errors:
+        r = cli("distill", "--config", str(cfg), "--out-dir", str(out), *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

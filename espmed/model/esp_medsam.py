@@ -96,12 +96,23 @@ class ESPMedSAM(nn.Module):
         return tuple(m for m, k in zip(self.config.modalities, self.config.controller_map) if k >= 0)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, modality: Modality) -> SegmentationOutput:
+    def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"images must be B x {self.config.in_chans} x H x W, got {tuple(images.shape)}")
         h, w = images.shape[-2:]
         if h % 32 or w % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {h} x {w}")
+
+    def embed(self, images: torch.Tensor, modality: Modality) -> torch.Tensor:
+        """Image embedding (B, D, H/16, W/16) of normalised images (B, 3, H, W): the trunk under each
+        image's modality controller, then the neck. What distillation trains; no SPPG, no decoder."""
+        self._check_images(images)
+        ctrl, _, _ = self._resolve(modality, images.shape[0])
+        return self.neck(self.trunk(images, ctrl))
+
+    def forward(self, images: torch.Tensor, modality: Modality) -> SegmentationOutput:
+        self._check_images(images)
+        h, w = images.shape[-2:]
         ctrl, query, hyper = self._resolve(modality, images.shape[0])
         embeddings = self.neck(self.trunk(images, ctrl))
         patch_logits, dense_prompt = self.sppg(embeddings)

