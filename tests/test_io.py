@@ -1,5 +1,6 @@
 """espmed.io: real rasters, DICOM (pydicom's bundled files) and NIfTI (nilearn's MNI152) in;
-mask/overlay PNG, NIfTI and DICOM SEG out; and the refusals with one clear error."""
+mask/overlay PNG, NIfTI and DICOM SEG out; stored values (training), `.npy` and NRRD; and the
+refusals with one clear error."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from espmed.errors import ImageReadError
 from espmed.io import (
     MAX_FRAME_PIXELS,
     read_dicom_series,
+    read_frame,
     read_image,
+    read_mask,
+    read_pixels,
+    read_volume,
     write_dicom_seg,
     write_mask_png,
     write_nifti_mask,
@@ -321,3 +327,100 @@ def test_mask_and_overlay_png(tmp_path):
     assert (over[~mask] == 100).all()  # background untouched
     assert not (over[10 + 5, 20 + 5] == 100).all()  # interior tinted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "o.png"]  # no temp files left
+
+
+# -- stored values (training data and masks): read_pixels, read_mask, read_volume, .npy, NRRD -------
+def test_read_pixels_keeps_stored_values_where_read_image_converts(tmp_path):
+    labels = np.zeros((20, 30), np.uint8)
+    labels[5:10, 5:20] = 2
+    im = Image.fromarray(labels, "P")
+    im.putpalette([0, 0, 0, 255, 0, 0, 0, 200, 0] + [0] * 759)  # label 2 is green: red channel 0
+    im.save(tmp_path / "labels.png")
+    assert np.array_equal(read_pixels(tmp_path / "labels.png"), labels)  # palette indices, as stored
+    assert read_image(tmp_path / "labels.png").frames[0].shape == (20, 30, 3)  # expanded for the model
+    assert np.array_equal(read_mask(tmp_path / "labels.png"), labels > 0)
+    assert read_frame(tmp_path / "labels.png").shape == (20, 30, 3)
+    stack = np.arange(2 * 20 * 30, dtype=np.uint16).reshape(2, 20, 30)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    assert np.array_equal(read_pixels(tmp_path / "stack.tif"), stack)
+    with pytest.raises(ImageReadError, match="stack.tif: holds 2 frames"):
+        read_frame(tmp_path / "stack.tif")
+    signed = np.array([[-3, 0, 4], [5, -1, 0]], np.int16)
+    np.save(tmp_path / "signed.npy", signed[None])
+    assert np.array_equal(read_pixels(tmp_path / "signed.npy"), signed)  # a leading length-1 axis dropped
+    assert np.array_equal(read_mask(tmp_path / "signed.npy"), signed > 0)  # positive is foreground
+    (tmp_path / "photo.gif").write_bytes((SAMPLES / "ct_small.png").read_bytes())
+    with pytest.raises(ImageReadError, match="photo.gif: unsupported image file type"):
+        read_pixels(tmp_path / "photo.gif")
+
+
+def _npy_declaring(path: Path, shape: tuple[int, ...], descr: str = "|u1") -> Path:
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
+        fh.write(bytes(64))
+    return path
+
+
+def test_npy_refusals_from_the_header_and_data(tmp_path):
+    with pytest.raises(ImageReadError, match="bomb.npy: declared frame size 100000 x 100000 exceeds"):
+        read_pixels(_npy_declaring(tmp_path / "bomb.npy", (100_000, 100_000)))
+    with pytest.raises(ImageReadError, match="text.npy: not a numeric image"):
+        read_pixels(_npy_declaring(tmp_path / "text.npy", (4, 4), "<U8"))
+    with pytest.raises(ImageReadError, match="cube.npy: expected a 2-D image"):
+        read_frame(_npy_declaring(tmp_path / "cube.npy", (4, 4, 4, 4)))
+    np.save(tmp_path / "good.npy", np.ones((32, 32), np.float32))
+    (tmp_path / "short.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:300])
+    with pytest.raises(ImageReadError, match="short.npy: corrupt or truncated .npy file"):
+        read_pixels(tmp_path / "short.npy")
+    np.savez(tmp_path / "arrays.npz", a=np.ones((4, 4)))
+    shutil.copy(tmp_path / "arrays.npz", tmp_path / "zipped.npy")
+    with pytest.raises(ImageReadError, match="zipped.npy: corrupt or truncated .npy file"):
+        read_pixels(tmp_path / "zipped.npy")
+    nan = np.ones((8, 8), np.float32)
+    nan[2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(ImageReadError, match="nan.npy: image contains NaN or Inf"):
+        read_frame(tmp_path / "nan.npy")
+
+
+def test_nrrd_volume_reads_as_stored(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    vol = np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5) - 50
+    for encoding in ("raw", "gzip", "bzip2"):
+        nrrd.write(str(tmp_path / f"{encoding}.nrrd"), vol, {"encoding": encoding})
+        got = read_volume(tmp_path / f"{encoding}.nrrd")
+        assert got.dtype == vol.dtype and np.array_equal(got, vol)  # (x, y, z), as nibabel gives NIfTI
+
+
+def _nrrd_declaring(path: Path, sizes: str, data: bytes, encoding: str = "raw", extra: str = "") -> Path:
+    head = f"NRRD0004\ntype: uint8\ndimension: {len(sizes.split())}\nsizes: {sizes}\nencoding: {encoding}\n{extra}\n"
+    path.write_bytes(head.encode() + data)
+    return path
+
+
+def test_nrrd_refusals(tmp_path):
+    import gzip
+
+    nrrd = pytest.importorskip("nrrd")
+    with pytest.raises(ImageReadError, match="bomb.nrrd: declared frame size 30000 x 30000 exceeds"):
+        read_volume(_nrrd_declaring(tmp_path / "bomb.nrrd", "30000 30000 2000", bytes(64)))
+    gz_bomb = _nrrd_declaring(tmp_path / "gz_bomb.nrrd", "4 4 4", gzip.compress(bytes(50_000_000)), "gzip")
+    with pytest.raises(ImageReadError, match="gz_bomb.nrrd: NRRD data block is longer than its declared 64 bytes"):
+        read_volume(gz_bomb)  # decompressed no further than the declared size allows
+    detached = _nrrd_declaring(tmp_path / "detached.nrrd", "4 4 4", b"", extra="data file: /etc/hostname\n")
+    with pytest.raises(ImageReadError, match="detached.nrrd: detached NRRD data"):
+        read_volume(detached)
+    with pytest.raises(ImageReadError, match="flat.nrrd: expected a 3-D volume"):
+        read_volume(_nrrd_declaring(tmp_path / "flat.nrrd", "8 8", bytes(64)))
+    vol = np.ones((8, 8, 4), np.float32)
+    vol[1, 2, 3] = np.nan
+    nrrd.write(str(tmp_path / "nan.nrrd"), vol)
+    with pytest.raises(ImageReadError, match="nan.nrrd: image contains NaN or Inf"):
+        read_volume(tmp_path / "nan.nrrd")
+    nrrd.write(str(tmp_path / "good.nrrd"), np.ones((32, 32, 16), np.float32), {"encoding": "gzip"})
+    (tmp_path / "short.nrrd").write_bytes((tmp_path / "good.nrrd").read_bytes()[:200])
+    with pytest.raises(ImageReadError, match="short.nrrd: corrupt or unreadable NRRD file"):
+        read_volume(tmp_path / "short.nrrd")
+    (tmp_path / "junk.nrrd").write_bytes(b"not an NRRD header\n\n" + bytes(64))
+    with pytest.raises(ImageReadError, match="junk.nrrd: corrupt or unreadable NRRD file"):
+        read_volume(tmp_path / "junk.nrrd")

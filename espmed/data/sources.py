@@ -17,8 +17,8 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -40,7 +40,8 @@ class Sample:
 def _pair(name: str, image_path: Path, mask_path: Path, modality: str, domain: str) -> Sample:
     image, mask = read_pixels(image_path), read_mask(mask_path)
     if image.shape[:2] != mask.shape:
-        raise ImageReadError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {image.shape[0]}x{image.shape[1]}")
+        (mh, mw), (ih, iw) = mask.shape, image.shape[:2]
+        raise ImageReadError(f"{mask_path}: mask is {mh}x{mw} but its image is {ih}x{iw}")
     return Sample(name, image, mask, modality, domain)
 
 
@@ -122,7 +123,8 @@ def volume_slices(
             raise ImageReadError(f"{name}: slice {i} outside 0..{image.shape[axis] - 1} on axis {axis}")
         img = np.rot90(np.take(image, i, axis=axis))
         msk = np.rot90(np.take(mask, i, axis=axis)) > 0
-        out.append(Sample(f"{name}_ax{axis}_{i:03d}", np.ascontiguousarray(img), np.ascontiguousarray(msk), modality, domain))
+        img, msk = np.ascontiguousarray(img), np.ascontiguousarray(msk)
+        out.append(Sample(f"{name}_ax{axis}_{i:03d}", img, msk, modality, domain))
     return out
 
 

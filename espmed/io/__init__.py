@@ -1,4 +1,4 @@
-"""Medical image I/O (torch-free): rasters, DICOM, NIfTI, NRRD and `.npy` in; mask PNG, overlay PNG, NIfTI, DICOM SEG out.
+"""Medical image I/O (torch-free): rasters, DICOM, NIfTI, NRRD, `.npy` in; mask/overlay PNG, NIfTI, DICOM SEG out.
 
 Every file is decoded by one checked reader per format, which refuses empty, oversized
 (decompression bomb, judged from the header before decoding), corrupt/truncated and non-finite

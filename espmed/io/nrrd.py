@@ -40,7 +40,7 @@ def read_nrrd(path: Path, axis: int = 2) -> np.ndarray:
     except Exception as exc:  # pynrrd's NRRDError, truncated or corrupt compressed data (EOFError, OSError, ...)
         raise read_error(path, "corrupt or unreadable NRRD file", exc) from None
     if data.nbytes != len(block):
-        raise ImageReadError(f"{path}: NRRD data block is {len(block)} bytes, not the declared {data.nbytes}")
+        raise ImageReadError(f"{path}: NRRD data block is longer than its declared {data.nbytes} bytes")
     check_finite(path, data)
     return data.reshape(shape)
 

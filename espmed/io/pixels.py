@@ -100,7 +100,10 @@ def _dicom_folder(folder: Path, axis: int) -> np.ndarray:
 
 def _slice_place(ds, path: Path, index: int) -> tuple[float, tuple[int, int]]:
     try:
-        z = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else float(ds.get("InstanceNumber", index))
+        if "ImagePositionPatient" in ds:
+            z = float(ds.ImagePositionPatient[2])
+        else:
+            z = float(ds.get("InstanceNumber", index))
         return z, (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
         raise read_error(path, "malformed DICOM header", exc) from None

@@ -7,8 +7,9 @@ header before decoding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,9 @@ def decode_tiff(path: Path) -> tuple[np.ndarray, str]:
             check_declared_size(path, shape, (shape[axes.index("Y")], shape[axes.index("X")]))
             data = series.asarray()
             if tuple(data.shape) != shape:  # tifffile logs, then returns what it could decode
-                raise ImageReadError(f"{path}: TIFF pixel data does not fill its declared shape {shape} (truncated or corrupt)")
+                raise ImageReadError(
+                    f"{path}: TIFF pixel data does not fill its declared shape {shape} (truncated or corrupt)"
+                )
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
