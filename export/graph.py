@@ -7,6 +7,8 @@ image size and thresholding stay outside (the runtime does them with `runtimes.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,8 +38,11 @@ class ExportGraph(nn.Module):
         return out.lowres_masks, out.patch_logits
 
 
-def choose_modality(model: ESPMedSAM, modality: str | int | None) -> str:
-    """The modality to export: the one given, or the model's only one; else an error listing them."""
+def choose_modality(
+    model: ESPMedSAM, modality: str | int | None, *, pick: Callable[[tuple[str, ...]], str] | None = None
+) -> str:
+    """The modality to export: the one given, or the model's only one. Of several, `pick(available)`
+    chooses when given (the bench picks from its data); else an error listing them."""
     available = model.available_modalities
     if modality is not None:
         try:
@@ -46,6 +51,8 @@ def choose_modality(model: ESPMedSAM, modality: str | int | None) -> str:
             raise ExportError(str(exc)) from None
     if len(available) == 1:
         return available[0]
+    if pick is not None:
+        return pick(available)
     raise ExportError(
         f"the model has controllers for several modalities; choose one with --modality "
         f"({', '.join(available)})"

@@ -8,6 +8,7 @@ staging folder beside the destination, moved over their final names, and the man
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +17,7 @@ import numpy as np
 
 from espmed import __version__
 from espmed.errors import BackendUnavailableError, ExportError
+from espmed.runtimes.formats import Format, exportable
 from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 from .accuracy import Attempt, Comparison, compare, gate_table, reference_outputs
@@ -23,39 +25,10 @@ from .calibration import CalibrationSet, load_calibration
 from .manifest import file_sha256, library_versions, publish, staging_dir
 
 
-@dataclass(frozen=True)
-class Target:
-    """One deployable format. `options` are the target-specific keyword options it accepts."""
-
-    name: str
-    suffix: str
-    backend: str  # "onnxruntime" | "openvino" | "tensorrt"
-    precision: str  # "fp32" | "fp16" | "int8"
-    options: tuple[str, ...] = ()
-    needs_gpu: bool = False
-
-    @property
-    def calibrated(self) -> bool:
-        return self.precision == "int8"
-
-
-_OV_OPTIONS = ("runtime_precision",)
-_TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
-
-TARGETS: dict[str, Target] = {
-    t.name: t
-    for t in (
-        Target("onnx", ".onnx", "onnxruntime", "fp32"),
-        Target("onnx-fp16", ".onnx", "onnxruntime", "fp16"),
-        Target("onnx-int8", ".onnx", "onnxruntime", "int8"),
-        Target("openvino", ".xml", "openvino", "fp32", _OV_OPTIONS),
-        Target("openvino-fp16", ".xml", "openvino", "fp16", _OV_OPTIONS),
-        Target("openvino-int8", ".xml", "openvino", "int8", _OV_OPTIONS),
-        Target("trt-fp32", ".engine", "tensorrt", "fp32", _TRT_OPTIONS, needs_gpu=True),
-        Target("trt-fp16", ".engine", "tensorrt", "fp16", _TRT_OPTIONS, needs_gpu=True),
-        Target("trt-int8", ".engine", "tensorrt", "int8", _TRT_OPTIONS, needs_gpu=True),
-    )
-}
+#: An export target is an exportable row of the runtimes' format table (name, suffix, backend,
+#: precision, options); the exporter adds only its builders (`_BUILDERS`, by backend).
+Target = Format
+TARGETS: dict[str, Target] = {f.name: f for f in exportable()}
 
 
 @dataclass
@@ -145,14 +118,16 @@ def _resolve_output(out: Path | None, stem: str, modality: str, target: Target) 
 
 
 def _check_backend(target: Target) -> None:
-    if target.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise BackendUnavailableError(
-                f"target {target.name} needs TensorRT 10 and an NVIDIA GPU (pip install 'espmed[tensorrt]' "
-                "from NVIDIA's index); tensorrt is not installed here"
-            ) from None
+    """A GPU target's library must be there before any work is done (only TensorRT's today)."""
+    if not target.needs_gpu:
+        return
+    try:
+        importlib.import_module(target.module)
+    except ImportError:
+        raise BackendUnavailableError(
+            f"target {target.name} needs TensorRT 10 and an NVIDIA GPU (pip install 'espmed[tensorrt]' "
+            f"from NVIDIA's index); {target.module} is not installed here"
+        ) from None
 
 
 def export(

@@ -1,4 +1,4 @@
-"""`load(artifact)`: pick the backend from the artifact file, verify it, return a `Segmenter`."""
+"""`load(artifact)`: pick the backend from the format table, verify the artifact, return a `Segmenter`."""
 
 from __future__ import annotations
 
@@ -7,24 +7,18 @@ from pathlib import Path
 from espmed.errors import ArtifactError
 
 from .base import Segmenter
+from .formats import Format, artifact_suffixes, folder_format, format_for_path, format_for_url
 from .manifest import check_manifest_metadata, verify_manifest
-
-#: File suffix -> backend name.
-SUFFIX_BACKENDS = {
-    ".onnx": "onnxruntime",
-    ".xml": "openvino",
-    ".engine": "tensorrt",
-    ".safetensors": "torch",
-    ".pth": "torch",
-    ".pt": "torch",
-}
 
 
 def find_artifact(path: str | Path) -> Path:
-    """The artifact file itself, or the single artifact inside a folder."""
+    """The artifact file itself, a folder that is an artifact, or the single artifact file inside a folder."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix in SUFFIX_BACKENDS and p.is_file())
+        if folder_format(path) is not None:
+            return path
+        suffixes = artifact_suffixes()
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file())
         if len(found) != 1:
             listed = ", ".join(p.name for p in found) or "none"
             raise ArtifactError(f"{path}: expected exactly one artifact file in the folder, found {listed}")
@@ -34,8 +28,18 @@ def find_artifact(path: str | Path) -> Path:
     return path
 
 
+def locate(artifact: str | Path) -> tuple[Format, str | Path]:
+    """(format, where): a remote model by its URL scheme, else a local artifact by `find_artifact`."""
+    remote = format_for_url(artifact) if isinstance(artifact, str) else None
+    if remote is not None:
+        return remote, artifact
+    path = find_artifact(artifact)
+    return format_for_path(path), path
+
+
 def load(
     artifact: str | Path,
+    *,
     device: str = "CPU",
     threads: int | None = None,
     precision: str | None = None,
@@ -57,15 +61,11 @@ def load(
         check that it was exported for this modality.
     image_size: checkpoint only: the input size to run the weights at (multiple of 32).
     """
-    path = find_artifact(artifact)
-    backend = SUFFIX_BACKENDS.get(path.suffix.lower())
-    if backend is None:
-        raise ArtifactError(
-            f"{path}: unknown artifact type {path.suffix!r}; expected one of {', '.join(SUFFIX_BACKENDS)}"
-        )
-    if image_size is not None and backend != "torch":
+    fmt, path = locate(artifact)
+    backend = fmt.backend
+    if image_size is not None and fmt.kind != "checkpoint":
         raise ArtifactError(f"{path}: the input size of an exported artifact is fixed ({backend})")
-    listed = verify_manifest(path) if verify and backend != "torch" else None
+    listed = verify_manifest(path) if verify and fmt.kind == "file" else None
     if backend == "torch":
         from .torch_reference import TorchSegmenter
 
@@ -83,11 +83,13 @@ def load(
 
         gpu = device if device.upper().startswith("CUDA:") else "CUDA:0"
         segmenter = TensorRtSegmenter(path, device=gpu)
-    if precision is not None and backend != "openvino" and precision.lower() not in _aliases(segmenter.metadata.precision):
+    fixed = fmt.runtime_precision is None  # the precision is the artifact's own
+    if precision is not None and fixed and precision.lower() not in _aliases(segmenter.metadata.precision):
         raise ArtifactError(
-            f"{path}: artifact precision is {segmenter.metadata.precision}; only OpenVINO sets the precision at run time"
+            f"{path}: artifact precision is {segmenter.metadata.precision}; "
+            "only OpenVINO sets the precision at run time"
         )
-    if backend != "torch":
+    if fmt.kind != "checkpoint":
         segmenter.check_modality(modality)
     if listed is not None:
         check_manifest_metadata(path, listed, segmenter.metadata)

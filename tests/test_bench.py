@@ -19,7 +19,8 @@ from espmed.benchmark.machine import cpu_info
 from espmed.benchmark.metrics import dice, iou
 from espmed.benchmark.weights import random_model, sppg_threshold_gap
 from espmed.errors import EspmedError, ExportError
-from espmed.model import get_preset
+from espmed.export.graph import choose_modality
+from espmed.model import ESPMedSAM, get_preset
 
 SIZE = 128
 TARGETS = "onnx,onnx-fp16,openvino-bf16,trt-fp32"
@@ -195,12 +196,24 @@ def test_random_weights_are_non_degenerate():
 
 
 def test_target_selection_and_modality_choice():
-    rows = harness.all_rows()
-    names = [r.name for r in rows]
+    names = [r.name for r in harness.select_rows("all")]
     assert names[0] == "torch" and names.index("openvino-bf16") == names.index("openvino") + 1
-    assert [r.name for r in harness.select_rows("onnx", rows)] == ["torch", "onnx"]
+    assert [r.name for r in harness.select_rows("onnx")] == ["torch", "onnx"]
     with pytest.raises(EspmedError):
-        harness.select_rows("onnx,nope", rows)
+        harness.select_rows("onnx,nope")
     samples = list_samples()
-    assert harness.choose_modality(("fundus", "microscopy"), samples, None, ("fundus", "microscopy")) == "microscopy"
-    assert harness.choose_modality(("fundus",), samples, None, ("fundus",)) == "fundus"
+    assert harness.modality_with_most_masks(("fundus", "microscopy"), samples) == "microscopy"
+    assert harness.modality_with_most_masks(("fundus", "colonoscopy"), []) == "fundus"
+
+
+def test_the_bench_uses_the_exports_modality_choice_and_picks_only_among_several():
+    def pick(available):
+        return harness.modality_with_most_masks(available, list_samples())
+
+    several = ESPMedSAM(get_preset("esp-medsam-tiny"))
+    only = several.specialize("fundus")
+    assert choose_modality(several, None, pick=pick) == "microscopy"
+    assert choose_modality(only, None, pick=pick) == "fundus"
+    assert choose_modality(several, "xray", pick=pick) == "xray"
+    with pytest.raises(ExportError, match="several modalities"):
+        choose_modality(several, None)

@@ -18,9 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,13 +29,15 @@ from .. import __version__
 from ..atomic import write_text
 from ..errors import EspmedError, first_line
 from ..io import read_frame, read_mask
+from ..runtimes.formats import FORMATS, Format, format_named, reference
 from . import machine
 from .data import Sample, list_samples
 from .metrics import agreement, ground_truth_scores
 
-REFERENCE = "torch"
-#: The FP32 IR run with OpenVINO's BF16 inference precision: its own row.
-OPENVINO_BF16 = "openvino-bf16"
+if TYPE_CHECKING:
+    from ..model import ESPMedSAM, ModelConfig
+
+REFERENCE = reference().name
 DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_WORKER_TIMEOUT_S = 1800
@@ -42,19 +45,6 @@ RANDOM_WEIGHTS_NOTE = (
     "no --checkpoint: seeded random weights, so the accuracy columns measure agreement with "
     "torch FP32, not clinical accuracy"
 )
-
-
-@dataclass(frozen=True)
-class Row:
-    """One benchmarked backend: an export target run at a runtime precision."""
-
-    name: str
-    label: str
-    backend: str
-    precision: str  # what the graph computes in: fp32 / fp16 / bf16 / int8
-    export_target: str | None  # None: the torch reference runs the checkpoint
-    runtime_precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT
-    needs_gpu: bool = False
 
 
 @dataclass
@@ -90,78 +80,50 @@ class BenchOptions:
             raise EspmedError(f"{self.checkpoint}: no such checkpoint file")
 
 
-_LABELS = {
-    "torch": "torch eager FP32 (reference)",
-    "onnx": "ONNX Runtime FP32",
-    "onnx-fp16": "ONNX Runtime FP16",
-    "onnx-int8": "ONNX Runtime INT8 (QDQ)",
-    "openvino": "OpenVINO FP32",
-    OPENVINO_BF16: "OpenVINO FP32 IR, BF16 runtime precision",
-    "openvino-fp16": "OpenVINO FP16 weights (f32 compute)",
-    "openvino-int8": "OpenVINO INT8 (NNCF)",
-    "trt-fp32": "TensorRT FP32",
-    "trt-fp16": "TensorRT FP16",
-    "trt-int8": "TensorRT INT8",
-}
-
-
-def all_rows() -> list[Row]:
-    """The torch reference, every export target, and the OpenVINO BF16-runtime row after `openvino`."""
-    from espmed.export import TARGETS
-
-    rows = [Row(REFERENCE, _LABELS[REFERENCE], "torch", "fp32", None)]
-    for name, spec in TARGETS.items():
-        rows.append(
-            Row(name, _LABELS.get(name, name), spec.backend, spec.precision, name, "f32" if spec.backend == "openvino" else None, spec.needs_gpu)
-        )
-        if name == "openvino":
-            rows.append(Row(OPENVINO_BF16, _LABELS[OPENVINO_BF16], "openvino", "bf16", "openvino", "bf16"))
-    return rows
-
-
-def select_rows(spec: str, rows: list[Row]) -> list[Row]:
-    """`all` or a comma-separated list of row names; the torch reference is always included."""
-    names = [r.name for r in rows]
+def select_rows(spec: str) -> list[Format]:
+    """`all` or a comma-separated list of format names; the torch reference is always included."""
+    names = [f.name for f in FORMATS]
     if spec.strip().lower() == "all":
-        return rows
+        return list(FORMATS)
     wanted = [t.strip().lower() for t in spec.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in names]
     if unknown:
         raise EspmedError(f"unknown target(s) {', '.join(unknown)}; choose from all, {', '.join(names)}")
-    return [r for r in rows if r.name == REFERENCE or r.name in wanted]
+    return [f for f in FORMATS if f.name == REFERENCE or f.name in wanted]
 
 
-def unavailable_reason(row: Row, host: dict) -> str | None:
+def unavailable_reason(row: Format, host: dict) -> str | None:
     """Why `row` cannot run on this machine, or None."""
     if row.needs_gpu and not host["nvidia_gpu"]:
         return "needs an NVIDIA GPU with TensorRT; none on this machine"
     if row.runtime_precision == "bf16" and not host["cpu"]["bf16"]:
         return "CPU has no native BF16 (avx512_bf16 / amx_bf16)"
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "torch": "torch"}[row.backend]
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed"
+    if importlib.util.find_spec(row.module) is None:
+        return f"{row.module} is not installed"
     return None
+
+
+def _row_record(row: Format) -> dict:
+    """The row's facts as bench.json lists them, before its measurements."""
+    return {
+        "name": row.name, "label": row.label, "backend": row.backend, "precision": row.precision,
+        "export_target": row.export_target, "runtime_precision": row.runtime_precision, "needs_gpu": row.needs_gpu,
+        "status": "ok", "reason": None,
+    }
 
 
 # -- model ------------------------------------------------------------------------------------------
 
 
-def choose_modality(available: tuple[str, ...], samples: list[Sample], requested: str | None, modalities: tuple[str, ...]) -> str:
-    """The modality to export: the requested one; else the only one; else the one with the most
-    ground-truth masks (then images) in the data; else the first available."""
-    from ..errors import ModalityError
-
-    if requested is not None:
-        key = requested.strip().lower()
-        name = modalities[int(key)] if key.isdigit() and int(key) < len(modalities) else key
-        if name not in available:
-            raise ModalityError(f"modality {requested!r} not served by the model ({', '.join(available)})")
-        return name
-    if len(available) == 1:
-        return available[0]
-    score = {m: (sum(1 for s in samples if s.modality == m and s.mask), sum(1 for s in samples if s.modality == m)) for m in available}
+def modality_with_most_masks(available: tuple[str, ...], samples: list[Sample]) -> str:
+    """Of several modalities, the one with the most ground-truth masks (then images) in `samples`;
+    the first one when the data has none of them."""
+    score = {
+        m: (sum(1 for s in samples if s.modality == m and s.mask), sum(1 for s in samples if s.modality == m))
+        for m in available
+    }
     best = max(available, key=lambda m: score[m])
     return best if score[best] > (0, 0) else available[0]
 
@@ -170,45 +132,29 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Callable[[str], None]) -> dict:
-    """Load the checkpoint, or make (or reuse) the seeded random weights; returns the model facts."""
-    import torch
+def prepare_model(opts: BenchOptions, samples: list[Sample], *, out: Path, log: Callable[[str], None]) -> dict:
+    """Load the checkpoint, or make (or reuse) the seeded random weights; returns the model facts.
 
-    from ..model import get_preset, load_checkpoint, save_checkpoint
+    The modality is the export's choice (`--modality`, or the model's only one); of several, the
+    one the data has most masks for.
+    """
+    from espmed.export.graph import choose_modality
+
     from ..atomic import file_sha256
+    from ..model import ESPMedSAM, get_preset, load_checkpoint
     from ..model.summary import count_flops
+
+    def pick(available: tuple[str, ...]) -> str:
+        return modality_with_most_masks(available, samples)
 
     if opts.checkpoint is not None:
         model = load_checkpoint(opts.checkpoint, image_size=opts.imgsz)
-        modality = choose_modality(model.available_modalities, samples, opts.modality, model.config.modalities)
+        modality = choose_modality(model, opts.modality, pick=pick)
         path, weights = Path(opts.checkpoint), {"kind": "checkpoint"}
     else:
-        from ..runtimes.preprocess import preprocess
-        from .weights import SCHEME, random_model
-
         cfg = get_preset(opts.preset, image_size=opts.imgsz) if opts.imgsz else get_preset(opts.preset)
-        modality = choose_modality(tuple(cfg.modalities), samples, opts.modality, cfg.modalities)
-        pre = cfg.preprocessing
-        key = {
-            "preset": cfg.preset, "image_size": cfg.image_size, "seed": opts.seed, "modality": modality,
-            "images": [hashlib.sha256(Path(s.image).read_bytes()).hexdigest() for s in samples],
-            "espmed": __version__,
-            "scheme": SCHEME,
-        }
-        tag = _sha256_text(json.dumps(key, sort_keys=True))[:12]
-        path = out / "weights" / f"random-{cfg.preset}-{cfg.image_size}-seed{opts.seed}-{tag}.safetensors"
-        record_path = path.with_suffix(".json")
-        if path.is_file() and record_path.is_file():
-            weights = json.loads(record_path.read_text(encoding="utf-8"))
-            model = load_checkpoint(path)
-            log(f"reusing random weights {path}")
-        else:
-            log(f"making seeded random weights (seed {opts.seed}) at {cfg.image_size}x{cfg.image_size}")
-            x = torch.from_numpy(np.stack([preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std)[0] for s in samples]))
-            model, placement = random_model(cfg, opts.seed, x, modality)
-            save_checkpoint(model, path, metadata={"espmed.bench.random_weights": json.dumps(key, sort_keys=True)})
-            weights = {"kind": "random", "key": key, **placement}
-            write_text(record_path, json.dumps(weights, indent=2))
+        modality = choose_modality(ESPMedSAM(cfg), opts.modality, pick=pick)  # what random weights of cfg serve
+        model, path, weights = _random_weights(cfg, opts=opts, modality=modality, samples=samples, out=out, log=log)
     cfg = model.config
     return {
         "checkpoint": str(path),
@@ -224,6 +170,40 @@ def prepare_model(opts: BenchOptions, samples: list[Sample], out: Path, log: Cal
     }
 
 
+def _random_weights(
+    cfg: ModelConfig, *, opts: BenchOptions, modality: str, samples: list[Sample], out: Path, log: Callable[[str], None]
+) -> tuple[ESPMedSAM, Path, dict]:
+    """(model, checkpoint path, weights record): seeded random weights for `cfg`, reused from
+    `out/weights` when made before for the same preset, size, seed, modality and images."""
+    import torch
+
+    from ..model import load_checkpoint, save_checkpoint
+    from ..runtimes.preprocess import preprocess
+    from .weights import SCHEME, random_model
+
+    pre = cfg.preprocessing
+    key = {
+        "preset": cfg.preset, "image_size": cfg.image_size, "seed": opts.seed, "modality": modality,
+        "images": [hashlib.sha256(Path(s.image).read_bytes()).hexdigest() for s in samples],
+        "espmed": __version__,
+        "scheme": SCHEME,
+    }
+    tag = _sha256_text(json.dumps(key, sort_keys=True))[:12]
+    path = out / "weights" / f"random-{cfg.preset}-{cfg.image_size}-seed{opts.seed}-{tag}.safetensors"
+    record_path = path.with_suffix(".json")
+    if path.is_file() and record_path.is_file():
+        model = load_checkpoint(path)
+        log(f"reusing random weights {path}")
+        return model, path, json.loads(record_path.read_text(encoding="utf-8"))
+    log(f"making seeded random weights (seed {opts.seed}) at {cfg.image_size}x{cfg.image_size}")
+    images = [preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std)[0] for s in samples]
+    model, placement = random_model(cfg, opts.seed, torch.from_numpy(np.stack(images)), modality)
+    save_checkpoint(model, path, metadata={"espmed.bench.random_weights": json.dumps(key, sort_keys=True)})
+    weights = {"kind": "random", "key": key, **placement}
+    write_text(record_path, json.dumps(weights, indent=2))
+    return model, path, weights
+
+
 # -- exports ----------------------------------------------------------------------------------------
 
 
@@ -236,12 +216,13 @@ def _calib_sha(data: Path | None) -> str:
 
 def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
     """(artifact, reused, seconds): the cached export of `target` when its record matches, else a new one."""
-    from espmed.export import TARGETS, export
+    from espmed.export import export
     from espmed.runtimes.manifest import verify_manifest
 
     from .machine import library_versions
 
     dest = out / "artifacts" / target
+    calibrated = format_named(target).calibrated
     record_path = dest / "bench-export.json"
     key = {
         "target": target,
@@ -250,8 +231,8 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
         "modality": model["modality"],
         "batch": opts.batch,
         "dynamic": opts.batch > 1,
-        "calibration_sha256": _calib_sha(opts.data) if TARGETS[target].precision == "int8" else None,
-        "int8_gate_max_drop": opts.max_drop if TARGETS[target].precision == "int8" else None,
+        "calibration_sha256": _calib_sha(opts.data) if calibrated else None,
+        "int8_gate_max_drop": opts.max_drop if calibrated else None,
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
     }
@@ -275,7 +256,6 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
             batch=1,
             dynamic=opts.batch > 1,
             calib=opts.data,
-            progress=False,
             **gate,
         )
     seconds = time.perf_counter() - t
@@ -386,21 +366,55 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
     """Measure every selected backend; write nothing but the work files (see `report.write_all`)."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = opts.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = opts.threads or _usable_cores()
     samples = list_samples(opts.data)
-    rows = select_rows(opts.targets, all_rows())
+    rows = select_rows(opts.targets)
     host, versions = machine.machine_info(), machine.library_versions()
-    steps = 2 + 2 * len(rows)
-    task = progress.add_task("benchmark", total=steps) if progress is not None else None
-
-    def step(text: str, advance: int = 1) -> None:
-        if progress is not None:
-            progress.update(task, advance=advance, description=text)
+    step = _stepper(progress, total=2 + 2 * len(rows))
 
     step(f"GEMM peak ({threads} threads)", 0)
     gemm = machine.gemm_peak_gflops(threads)
     step("model")
-    model = prepare_model(opts, samples, out, log)
+    model, samples, notes = _model_and_samples(opts, samples, out=out, log=log)
+    step("exports")
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    run = _Run(
+        opts=opts, out=out, work=work, threads=threads, model=model, samples=[s.to_dict() for s in samples], step=step
+    )
+    results = [_measure_row(run, row, host) for row in rows]
+
+    gemm = _best_gemm(gemm, machine.gemm_peak_gflops(threads))
+    _add_accuracy(results, model, samples, work)
+    notes += _busy_notes(results, threads)
+    _add_ratios(results, model, gemm)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    options["threads"] = threads
+    options["data"] = str(opts.data) if opts.data else "bundled samples (espmed/assets/samples)"
+    return BenchReport(results, model, host, versions, gemm, options, notes)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _stepper(progress, *, total: int) -> Callable[..., None]:
+    """`step(text, advance=1)`: advance one rich progress task of `total` steps (a no-op without one)."""
+    if progress is None:
+        return lambda text, advance=1: None
+    task = progress.add_task("benchmark", total=total)
+
+    def step(text: str, advance: int = 1) -> None:
+        progress.update(task, advance=advance, description=text)
+
+    return step
+
+
+def _model_and_samples(
+    opts: BenchOptions, samples: list[Sample], *, out: Path, log: Callable[[str], None]
+) -> tuple[dict, list[Sample], list[str]]:
+    """The model facts, the samples it is judged on and the report's opening notes."""
+    model = prepare_model(opts, samples, out=out, log=log)
     if opts.checkpoint is not None and any(s.modality == model["modality"] for s in samples):
         # A trained model is judged on images of its modality; random weights on every image.
         samples = [s for s in samples if s.modality in (model["modality"], None)]
@@ -408,91 +422,118 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
     notes = [RANDOM_WEIGHTS_NOTE] if opts.checkpoint is None else []
     if notes:
         log(notes[0])
-    step("exports")
+    return model, samples, notes
 
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    sample_dicts = [s.to_dict() for s in samples]
-    artifacts: dict[str, tuple[Path, bool, float] | Exception] = {}
-    results = []
-    for row in rows:
-        rec = {**asdict(row), "label": row.label, "status": "ok", "reason": None}
-        reason = unavailable_reason(row, host)
-        if reason:
-            rec.update(status="unavailable", reason=reason)
-            results.append(rec)
-            step(f"{row.name}: unavailable", 2)
-            continue
-        step(f"{row.name}: export", 0)
-        if row.export_target is None:
-            artifact, reused, export_s = Path(model["checkpoint"]), True, None
-        else:
-            if row.export_target not in artifacts:
-                try:
-                    artifacts[row.export_target] = export_artifact(row.export_target, model, opts, out)
-                except Exception as exc:  # noqa: BLE001 - a failed export is that row's status
-                    artifacts[row.export_target] = exc
-            got = artifacts[row.export_target]
-            if isinstance(got, Exception):
-                rec.update(status="failed", reason=f"export failed: {_one_line(got)}", detail=str(got))
-                results.append(rec)
-                step(f"{row.name}: export failed", 2)
-                continue
-            artifact, reused, export_s = got
-        files = artifact_files(artifact)
-        rec.update(
-            artifact=str(artifact),
-            artifact_mb=sum(f.stat().st_size for f in files if f.is_file()) / 1e6,
-            export_s=export_s,
-            export_reused=reused,
-        )
-        step(f"{row.name}: measure")
-        spec = {
-            "name": row.name,
-            "mode": "full",
-            "artifact": str(artifact),
-            "threads": threads,
-            "precision": row.runtime_precision,
-            "modality": model["modality"],
-            "image_size": model["image_size"] if row.export_target is None else None,
-            "samples": sample_dicts,
-            "warmup": opts.warmup,
-            "runs": opts.runs,
-            "batch": opts.batch,
-            "logits": str(work / f"{row.name}.logits.npz"),
-        }
-        measured = run_worker(spec, work, opts.worker_timeout_s, threads)
-        measured.pop("traceback", None)
-        rec.update(measured)
-        if rec["status"] == "ok" and row.backend == "openvino":
-            cache = out / "ov_cache" / row.name
-            shutil.rmtree(cache, ignore_errors=True)
-            cold = {**spec, "mode": "cold", "cache_dir": str(cache)}
-            filled = run_worker(cold, work, opts.worker_timeout_s, threads)
-            cached = run_worker(cold, work, opts.worker_timeout_s, threads) if filled["status"] == "ok" else filled
-            rec["cold_start_cache_fill_s"] = filled.get("cold_start_s")
-            rec["cold_start_cached_s"] = cached.get("cold_start_s")
-            rec["cold_cached_breakdown_s"] = cached.get("cold_breakdown_s")
-        results.append(rec)
-        step(f"{row.name}: done")
 
-    # The GEMM peak is the best of a measurement before and after the backends, so that a
-    # neighbour's load during one of them does not deflate it.
-    gemm_after = machine.gemm_peak_gflops(threads)
-    gemm = {**max(gemm, gemm_after, key=lambda g: g["gflops"]), "measurements": [gemm["gflops"], gemm_after["gflops"]]}
-    _add_accuracy(results, model, samples, work)
+@dataclass
+class _Run:
+    """What the rows of one benchmark run share; `exports` caches one export per target."""
+
+    opts: BenchOptions
+    out: Path
+    work: Path
+    threads: int
+    model: dict
+    samples: list[dict]  # Sample.to_dict() of the images measured
+    step: Callable[..., None]
+    exports: dict[str, tuple[Path, bool, float] | Exception] = field(default_factory=dict)
+
+    def worker(self, spec: dict) -> dict:
+        return run_worker(spec, self.work, self.opts.worker_timeout_s, self.threads)
+
+
+def _measure_row(run: _Run, row: Format, host: dict) -> dict:
+    """One row's record: unavailable, export failed, or measured by a worker process."""
+    rec = _row_record(row)
+    reason = unavailable_reason(row, host)
+    if reason:
+        rec.update(status="unavailable", reason=reason)
+        run.step(f"{row.name}: unavailable", 2)
+        return rec
+    run.step(f"{row.name}: export", 0)
+    got = _row_artifact(run, row)
+    if isinstance(got, Exception):
+        rec.update(status="failed", reason=f"export failed: {_one_line(got)}", detail=str(got))
+        run.step(f"{row.name}: export failed", 2)
+        return rec
+    artifact, reused, export_s = got
+    files = artifact_files(artifact)
+    rec.update(
+        artifact=str(artifact),
+        artifact_mb=sum(f.stat().st_size for f in files if f.is_file()) / 1e6,
+        export_s=export_s,
+        export_reused=reused,
+    )
+    run.step(f"{row.name}: measure")
+    spec = _worker_spec(run, row, artifact)
+    measured = run.worker(spec)
+    measured.pop("traceback", None)
+    rec.update(measured)
+    if rec["status"] == "ok" and row.backend == "openvino":
+        rec.update(_cached_cold_starts(run, row, spec))
+    run.step(f"{row.name}: done")
+    return rec
+
+
+def _row_artifact(run: _Run, row: Format) -> tuple[Path, bool, float | None] | Exception:
+    """(artifact, reused, export seconds), or the exception its export raised; the reference runs the checkpoint."""
+    target = row.export_target
+    if target is None:
+        return Path(run.model["checkpoint"]), True, None
+    if target not in run.exports:
+        try:
+            run.exports[target] = export_artifact(target, run.model, run.opts, run.out)
+        except Exception as exc:  # noqa: BLE001 - a failed export is that row's status
+            run.exports[target] = exc
+    return run.exports[target]
+
+
+def _worker_spec(run: _Run, row: Format, artifact: Path) -> dict:
+    return {
+        "name": row.name,
+        "mode": "full",
+        "artifact": str(artifact),
+        "threads": run.threads,
+        "precision": row.runtime_precision,
+        "modality": run.model["modality"],
+        "image_size": run.model["image_size"] if row.export_target is None else None,
+        "samples": run.samples,
+        "warmup": run.opts.warmup,
+        "runs": run.opts.runs,
+        "batch": run.opts.batch,
+        "logits": str(run.work / f"{row.name}.logits.npz"),
+    }
+
+
+def _cached_cold_starts(run: _Run, row: Format, spec: dict) -> dict:
+    """OpenVINO: a cold start that fills a compiled-model cache, then one that reads it."""
+    cache = run.out / "ov_cache" / row.name
+    shutil.rmtree(cache, ignore_errors=True)
+    cold = {**spec, "mode": "cold", "cache_dir": str(cache)}
+    filled = run.worker(cold)
+    cached = run.worker(cold) if filled["status"] == "ok" else filled
+    return {
+        "cold_start_cache_fill_s": filled.get("cold_start_s"),
+        "cold_start_cached_s": cached.get("cold_start_s"),
+        "cold_cached_breakdown_s": cached.get("cold_breakdown_s"),
+    }
+
+
+def _best_gemm(before: dict, after: dict) -> dict:
+    """The GEMM peak is the best of a measurement before and after the backends, so that a
+    neighbour's load during one of them does not deflate it."""
+    return {**max(before, after, key=lambda g: g["gflops"]), "measurements": [before["gflops"], after["gflops"]]}
+
+
+def _busy_notes(results: list[dict], threads: int) -> list[str]:
     busiest = max((r.get("load_average", 0.0) for r in results), default=0.0)
-    if busiest > threads + 0.5:
-        notes.append(
-            f"warning: the machine was busy (1-min load average up to {busiest:.1f} with {threads} threads "
-            "benchmarked): other processes competed for the cores, so timings and ratios are unreliable; "
-            "rerun on a quiet machine"
-        )
-    _add_ratios(results, model, gemm)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
-    options["threads"] = threads
-    options["data"] = str(opts.data) if opts.data else "bundled samples (espmed/assets/samples)"
-    return BenchReport(results, model, host, versions, gemm, options, notes)
+    if busiest <= threads + 0.5:
+        return []
+    return [
+        f"warning: the machine was busy (1-min load average up to {busiest:.1f} with {threads} threads "
+        "benchmarked): other processes competed for the cores, so timings and ratios are unreliable; "
+        "rerun on a quiet machine"
+    ]
 
 
 def _one_line(exc: Exception) -> str:

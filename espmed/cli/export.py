@@ -1,4 +1,4 @@
-"""`espmed export`: a checkpoint -> one deployable artifact (see `espmed.export.TARGETS`)."""
+"""`espmed export`: a checkpoint -> one deployable artifact (the exportable rows of `espmed.runtimes.formats`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-_TARGET_NAMES = "onnx, onnx-fp16, onnx-int8, openvino, openvino-fp16, openvino-int8, trt-fp32, trt-fp16, trt-int8"
+from ..runtimes.formats import exportable
+
+_TARGET_NAMES = ", ".join(f.name for f in exportable())
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,159 @@
+"""The one table of formats: every way espmed runs the model, and what `espmed export` makes.
+
+A row names a format (`onnx-int8`, `openvino-bf16`, `torch`, ...), how its artifact is found (a
+checkpoint or file by suffix, a folder by a marker file inside it, a remote model by URL scheme),
+the backend and Python package that run it, the precision it computes in, the export options it
+accepts and the label reports show. The loader, the CLI help, the benchmark rows and the
+exporter all read it; the exporter adds only its builders (`espmed.export.targets`). Torch-free.
+
+A run-time variant (`openvino-bf16`) has no artifact of its own: `artifact_of` names the row
+whose artifact it runs, at its `runtime_precision`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from espmed.errors import ArtifactError, EspmedError
+
+#: How a format's artifact is found: a checkpoint file (the torch reference), an artifact file, a
+#: folder holding `marker`, or a remote model addressed as `scheme://...`.
+KINDS = ("checkpoint", "file", "folder", "remote")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Format:
+    """One row of the table. `precision` is what the graph computes in: fp32 | fp16 | bf16 | int8."""
+
+    name: str
+    label: str
+    backend: str  # the runtime: torch | onnxruntime | openvino | tensorrt
+    module: str  # the Python package the backend needs
+    precision: str
+    kind: str = "file"
+    suffixes: tuple[str, ...] = ()  # checkpoint/file: name endings; export writes the first
+    marker: str | None = None  # folder: the file inside that makes the folder this format's artifact
+    scheme: str | None = None  # remote: the URL scheme
+    options: tuple[str, ...] = ()  # export options the target accepts
+    needs_gpu: bool = False
+    runtime_precision: str | None = None  # asked of the backend when run (OpenVINO's precision hint)
+    artifact_of: str | None = None  # a run-time variant: the row whose artifact it runs
+
+    @property
+    def suffix(self) -> str:
+        """The suffix `espmed export` gives the artifact ("" for a folder)."""
+        return self.suffixes[0] if self.suffixes else ""
+
+    @property
+    def exportable(self) -> bool:
+        return self.kind in ("file", "folder") and self.artifact_of is None
+
+    @property
+    def calibrated(self) -> bool:
+        """Export needs calibration images."""
+        return self.precision == "int8"
+
+    @property
+    def export_target(self) -> str | None:
+        """The exportable row whose artifact this row runs; None for the torch reference."""
+        return self.artifact_of or (self.name if self.exportable else None)
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
+_OV_OPTIONS = ("runtime_precision",)
+_TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
+
+
+def _onnx(name: str, precision: str, label: str) -> Format:
+    return Format(
+        name=name, label=label, backend="onnxruntime", module="onnxruntime", precision=precision, suffixes=(".onnx",)
+    )
+
+
+def _openvino(name: str, precision: str, label: str) -> Format:
+    return Format(
+        name=name, label=label, backend="openvino", module="openvino", precision=precision, suffixes=(".xml",),
+        options=_OV_OPTIONS, runtime_precision="f32",
+    )
+
+
+def _tensorrt(name: str, precision: str, label: str) -> Format:
+    return Format(
+        name=name, label=label, backend="tensorrt", module="tensorrt", precision=precision, suffixes=(".engine",),
+        options=_TRT_OPTIONS, needs_gpu=True,
+    )
+
+
+#: Every format, in the order the benchmark shows them; the torch reference first.
+FORMATS: tuple[Format, ...] = (
+    Format(
+        name="torch", label="torch eager FP32 (reference)", backend="torch", module="torch", precision="fp32",
+        kind="checkpoint", suffixes=_CHECKPOINT_SUFFIXES,
+    ),
+    _onnx("onnx", "fp32", "ONNX Runtime FP32"),
+    _onnx("onnx-fp16", "fp16", "ONNX Runtime FP16"),
+    _onnx("onnx-int8", "int8", "ONNX Runtime INT8 (QDQ)"),
+    _openvino("openvino", "fp32", "OpenVINO FP32"),
+    Format(
+        name="openvino-bf16", label="OpenVINO FP32 IR, BF16 runtime precision", backend="openvino", module="openvino",
+        precision="bf16", runtime_precision="bf16", artifact_of="openvino",
+    ),
+    _openvino("openvino-fp16", "fp16", "OpenVINO FP16 weights (f32 compute)"),
+    _openvino("openvino-int8", "int8", "OpenVINO INT8 (NNCF)"),
+    _tensorrt("trt-fp32", "fp32", "TensorRT FP32"),
+    _tensorrt("trt-fp16", "fp16", "TensorRT FP16"),
+    _tensorrt("trt-int8", "int8", "TensorRT INT8"),
+)
+
+
+def format_named(name: str) -> Format:
+    for fmt in FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise EspmedError(f"unknown format {name!r}; choose from {', '.join(f.name for f in FORMATS)}")
+
+
+def reference() -> Format:
+    """The torch reference: the row that runs a checkpoint, which every other row is compared with."""
+    return next(f for f in FORMATS if f.kind == "checkpoint")
+
+
+def exportable() -> list[Format]:
+    """The rows `espmed export --target` accepts, in table order."""
+    return [f for f in FORMATS if f.exportable]
+
+
+def artifact_suffixes() -> list[str]:
+    """Every file suffix the loader recognises (artifacts and checkpoints), in table order."""
+    return list(dict.fromkeys(s for f in FORMATS if f.artifact_of is None for s in f.suffixes))
+
+
+def format_for_url(text: str) -> Format | None:
+    """The remote row whose scheme `text` starts with (`scheme://...`), or None."""
+    scheme, sep, _ = text.partition("://")
+    if not sep:
+        return None
+    return next((f for f in FORMATS if f.kind == "remote" and f.scheme == scheme.lower()), None)
+
+
+def folder_format(path: Path) -> Format | None:
+    """The folder row whose marker file `path` holds, or None."""
+    return next((f for f in FORMATS if f.kind == "folder" and (path / f.marker).is_file()), None)
+
+
+def format_for_path(path: str | Path) -> Format:
+    """The row that runs the artifact at `path`: a marked folder, else a file by its suffix.
+
+    Several rows share a file type (onnx, onnx-fp16, onnx-int8): the first one is returned, which
+    fixes the backend and kind; the precision of an artifact is the one in its own metadata.
+    """
+    path = Path(path)
+    found = folder_format(path) if path.is_dir() else None
+    suffix = path.suffix.lower()
+    found = found or next((f for f in FORMATS if f.artifact_of is None and suffix in f.suffixes), None)
+    if found is None:
+        raise ArtifactError(
+            f"{path}: unknown artifact type {path.suffix!r}; expected one of {', '.join(artifact_suffixes())}"
+        )
+    return found
