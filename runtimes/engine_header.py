@@ -34,10 +34,14 @@ class EngineBuildInfo:
     compute_capability: str  # "major.minor", e.g. "8.9"
 
     def to_extra(self) -> dict:
-        return {"tensorrt_version": self.tensorrt_version, "gpu_name": self.gpu_name, "compute_capability": self.compute_capability}
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu_name": self.gpu_name,
+            "compute_capability": self.compute_capability,
+        }
 
     @classmethod
-    def from_metadata(cls, meta: ArtifactMetadata, source: str = "engine") -> "EngineBuildInfo":
+    def from_metadata(cls, meta: ArtifactMetadata, source: str = "engine") -> EngineBuildInfo:
         extra = meta.extra
         missing = [k for k in ("tensorrt_version", "gpu_name", "compute_capability") if not extra.get(k)]
         if missing:
@@ -65,7 +69,9 @@ def write_engine(path: str | Path, meta: ArtifactMetadata, engine: bytes) -> Pat
 
 def unpack(data: bytes, source: str = "engine") -> tuple[ArtifactMetadata, bytes]:
     if not data.startswith(MAGIC):
-        raise ArtifactError(f"{source}: not an espmed TensorRT engine (missing header magic; a bare TensorRT plan has no espmed header)")
+        raise ArtifactError(
+            f"{source}: not an espmed TensorRT engine (missing header magic; a bare TensorRT plan has no espmed header)"
+        )
     start = len(MAGIC) + _LENGTH.size
     if len(data) < start:
         raise ArtifactError(f"{source}: truncated engine header")
