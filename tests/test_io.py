@@ -164,9 +164,16 @@ def test_dicom_window_from_file_and_monochrome1_inversion(tmp_path):
     assert np.array_equal(read_image(tmp_path / "slope.dcm").frames[0], _hu_window(ct, 40, 400))
 
 
-def test_dicom_multiframe_and_colour():
-    dose = read_image(get_testdata_file("rtdose.dcm"))
-    assert len(dose.frames) == 15 and dose.frames[0].shape == (10, 10)
+def test_dicom_multiframe_and_colour(tmp_path):
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    pixels = mr.pixel_array
+    mr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
+    mr.NumberOfFrames = 3
+    mr.PixelData = np.concatenate([pixels, pixels[::-1], pixels.T]).tobytes()
+    mr.save_as(tmp_path / "multi.dcm")
+    multi = read_image(tmp_path / "multi.dcm")
+    assert len(multi.frames) == 3 and multi.frames[0].shape == (64, 64)
+    assert np.array_equal(multi.frames[1], multi.frames[0][::-1])
     rgb = read_image(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     assert len(rgb.frames) == 2 and rgb.frames[0].shape == (100, 100, 3) and rgb.frames[0].dtype == np.uint8
     assert not np.array_equal(rgb.frames[0], rgb.frames[1])

@@ -75,16 +75,16 @@ def test_predict_pngs_dicom_series_and_nifti_with_a_bad_file(artifacts, tmp_path
 
 
 def test_predict_checkpoint_needs_a_modality_and_png_format_per_frame(artifacts, tmp_path):
-    rtdose = get_testdata_file("rtdose.dcm")  # 15 frames
-    proc = espmed("predict", rtdose, "--model", artifacts["checkpoint"], "--out", tmp_path)
+    multi = get_testdata_file("SC_rgb_rle_2frame.dcm")  # 2 frames
+    proc = espmed("predict", multi, "--model", artifacts["checkpoint"], "--out", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "several modalities" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-    proc = espmed("predict", rtdose, "--model", artifacts["checkpoint"], "--modality", "nuclei",
+    proc = espmed("predict", multi, "--model", artifacts["checkpoint"], "--modality", "nuclei",
                   "--format", "png", "--out", tmp_path, "--threads", "1")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert len(list(tmp_path.glob("rtdose_*_mask.png"))) == 15
+    assert len(list(tmp_path.glob("SC_rgb_rle_2frame_*_mask.png"))) == 2
     assert "1 segmented, 0 failed" in proc.stdout
 
 

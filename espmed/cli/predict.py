@@ -32,6 +32,7 @@ class Outcome:
     infer_ms: float = 0.0  # mean graph time per frame
     outputs: list[Path] = field(default_factory=list)
     error: str | None = None
+    warning: str | None = None  # segmented, but written in another form than asked (one line)
 
 
 def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome], list[Path]]:
@@ -54,6 +55,8 @@ def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome], list[Pat
         dicom = [p for p in files if p.suffix.lower() in DICOM_SUFFIXES or is_dicom_file(p)]
         dicom_set = set(dicom)
         series, singles = group_series(dicom)
+        singles += [paths[0] for paths in series.values() if len(paths) == 1]  # named after its file
+        series = {uid: paths for uid, paths in series.items() if len(paths) > 1}
         for uid, paths in series.items():
             folder = paths[0].parent
             label = folder / f"series-{uid}" if len(series) > 1 else folder
@@ -94,7 +97,8 @@ def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: in
     """Read, segment and write one job; raises EspmedError on a bad input."""
     import numpy as np
 
-    from ..io import read_dicom_series, read_image, write_dicom_seg, write_mask_png, write_nifti_mask, write_overlay_png
+    from ..io import read_dicom_series, read_image, write_mask_png, write_nifti_mask, write_overlay_png
+    from ..io.dicom import dicom_results, save_dicom
     from ..runtimes.preprocess import to_rgb_uint8
 
     image = read_dicom_series(job.paths, job.label) if job.series else read_image(job.paths[0], axis)
@@ -103,6 +107,7 @@ def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: in
     masks = [p.mask for p in predictions]
     name = unique_name(image.path.name if job.series else image.name, used)
     outputs: list[Path] = []
+    warning = None
     many = len(masks) > 1
     if fmt == "png":
         for i, mask in enumerate(masks):
@@ -110,7 +115,11 @@ def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: in
     elif fmt == "nifti":
         outputs.append(write_nifti_mask(out / f"{name}_mask.nii.gz", image, masks))
     else:
-        outputs.append(write_dicom_seg(out / f"{name}_seg.dcm", image.source, masks, modality_name=seg.modality))
+        datasets, warning = dicom_results(image.source, image.frames, masks, modality_name=seg.modality)
+        if warning is None:
+            outputs.append(save_dicom(out / f"{name}_seg.dcm", datasets[0]))
+        else:
+            outputs.extend(save_dicom(out / f"{name}_{i:04d}_overlay_sc.dcm", ds) for i, ds in enumerate(datasets))
     if want_overlay:
         for i, (frame, mask) in enumerate(zip(image.frames, masks)):
             outputs.append(write_overlay_png(out / f"{name}{f'_{i:04d}' if many else ''}_overlay.png", to_rgb_uint8(frame), mask))
@@ -121,6 +130,7 @@ def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: in
         foreground=float(sum(int(np.count_nonzero(m)) for m in masks) / pixels),
         infer_ms=float(np.mean([p.timings["infer"] for p in predictions])),
         outputs=outputs,
+        warning=warning,
     )
 
 
@@ -136,6 +146,9 @@ def print_summary(console, outcomes: list[Outcome], out: Path) -> None:
         else:
             table.add_row(o.label.name, str(o.frames), f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}", str(len(o.outputs)), "[green]ok[/green]")
     console.print(table)
+    for o in outcomes:
+        if o.warning:
+            console.print(f"[yellow]warning[/yellow] {o.label}: {o.warning}", soft_wrap=True, highlight=False)
     failed = [o for o in outcomes if o.error]
     for o in failed:
         message = o.error if o.error.startswith(str(o.label)) else f"{o.label}: {o.error}"

@@ -12,8 +12,8 @@ SeriesInstanceUID, ordered along the slice normal (else by InstanceNumber).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -29,26 +29,107 @@ DEFAULT_PERCENTILES = (0.5, 99.5)
 
 
 def is_dicom_file(path: str | Path) -> bool:
-    """DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+    """DICOM by content: 'DICM' after the 128-byte preamble, or a bare data set (no preamble, as
+    older writers and some exports leave it) opening with a group 0x0008 or 0x0002 element."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    element = int.from_bytes(head[2:4], "little" if head[:1] != b"\x00" else "big")
+    return len(head) >= 8 and head[:2] in _BARE_GROUPS and element < 0x100
+
+
+#: The first two bytes of a data set without preamble: group 0x0008 or 0x0002, little or big endian.
+_BARE_GROUPS = (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
 
 
 def read_dataset(path: str | Path, header_only: bool = False):
+    """The file's data set; one without a preamble is read too (force), then must name its SOP class."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from .dicom_codecs import register
+
+    register()
     path = Path(path)
     try:
         return pydicom.dcmread(path, stop_before_pixels=header_only)
-    except InvalidDicomError as exc:
-        raise read_error(path, "not a DICOM file", exc) from None
+    except InvalidDicomError:
+        pass
     except Exception as exc:  # pydicom raises assorted types, e.g. a bare-Exception BytesLengthException
         raise read_error(path, "corrupt DICOM file", exc) from None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+        if "SOPClassUID" in ds and str(ds.SOPClassUID).startswith("1.2.840.10008."):
+            _infer_transfer_syntax(ds)
+            return ds
+    except Exception:  # noqa: BLE001 - whatever force-reading garbage raises, the answer is the same
+        pass
+    raise ImageReadError(f"{path}: not a DICOM file (no 'DICM' preamble, and no SOP Class UID without one)")
+
+
+def _infer_transfer_syntax(ds) -> None:
+    """A bare data set has no file meta: its (native) encoding, as read, is its transfer syntax."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = ds.original_encoding
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
+
+
+def _class_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
+
+
+def is_image_storage(sop_class_uid: str) -> bool:
+    """The image storage SOP classes (PS3.4 B.5 entries named '... Image Storage', Enhanced US
+    Volume), less the non-medical DICOS and eddy-current ones."""
+    from pydicom.uid import UID_dictionary
+
+    uid = str(sop_class_uid)
+    if uid in _EXTRA_IMAGE_CLASSES:
+        return True
+    return (
+        uid.startswith(_STORAGE_ROOT)
+        and not uid.startswith(_NON_MEDICAL)
+        and "Image Storage" in UID_dictionary.get(uid, ("",))[0]
+    )
+
+
+_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+_NON_MEDICAL = ("1.2.840.10008.5.1.4.1.1.501.", "1.2.840.10008.5.1.4.1.1.601.")  # DICOS security, eddy current
+_EXTRA_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.6.2"})  # Enhanced US Volume Storage
+
+
+def check_image_instance(ds, path: Path) -> None:
+    """Refuse what is not an image to segment, by SOP class, before any pixel is decoded.
+
+    SEG, RT Dose/Plan/Structure Set, SR, presentation states, ... are refused naming the class;
+    an image class without pixel data is refused as such. A data set without SOP Class UID (old
+    ACR-NEMA style files) is judged by its pixel data alone.
+    """
+    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if "SOPClassUID" not in ds:
+        return
+    uid = str(ds.SOPClassUID)
+    name = _class_name(uid)
+    if not is_image_storage(uid):
+        what = "has no pixel data" if not has_pixels else "is not an image"
+        raise ImageReadError(f"{path}: {name} {what} (not an image storage SOP class; espmed segments images)")
+    if not has_pixels:
+        raise ImageReadError(f"{path}: {name} has no pixel data")
 
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
@@ -151,6 +232,7 @@ def read_dicom(path: str | Path) -> MedicalImage:
     """One DICOM file; each of its frames is segmented."""
     path = Path(path)
     ds = read_dataset(path)
+    check_image_instance(ds, path)
     frames = dicom_frames(ds, path)
     return MedicalImage(path, "dicom", frames, source=[ds], info=_describe(ds))
 
@@ -164,6 +246,7 @@ def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = No
     datasets.sort(key=lambda item: _slice_key(item[1]))
     frames = []
     for p, ds in datasets:
+        check_image_instance(ds, p)
         got = dicom_frames(ds, p)
         if len(got) != 1:
             raise ImageReadError(f"{p}: multi-frame instance inside a series of single-frame instances")
@@ -212,18 +295,23 @@ def _describe(ds) -> dict:
     }
 
 
-def write_dicom_seg(
-    path: str | Path,
-    sources: Sequence,
-    masks: Sequence[np.ndarray],
-    label: str = "ESP-MedSAM mask",
-    modality_name: str = "",
-) -> Path:
-    """A binary DICOM SEG of `masks` (one per source frame, in order), referencing the sources."""
+def derived_uid(*parts: str) -> str:
+    """A UID that is a function of `parts` (2.25 form from their SHA-512), so that the same
+    inputs always name the same derived instance and a resend is not a new one."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+
+#: What highdicom raises for a source it cannot derive a SEG from.
+SEG_UNSUPPORTED = (ValueError, TypeError, AttributeError, KeyError)
+
+
+def _segmentation(sources, masks, *, label, modality_name, series_uid, sop_uid, instance_number):
+    """highdicom's Segmentation; fresh random UIDs where none are given."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    path = Path(path)
     pixel_array = np.stack([np.asarray(m, dtype=bool) for m in masks]).astype(np.uint8)
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) == 1:
         pixel_array = pixel_array[0]
@@ -242,28 +330,79 @@ def write_dicom_seg(
         algorithm_identification=algorithm,
     )
     first = sources[0]
+    with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
+        warnings.simplefilter("ignore", UserWarning)
+        return hd.seg.Segmentation(
+            source_images=list(sources),
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=series_uid or hd.UID(),
+            series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
+            sop_instance_uid=sop_uid or hd.UID(),
+            instance_number=instance_number,
+            manufacturer="espmed",
+            manufacturer_model_name="ESP-MedSAM",
+            software_versions=__version__,
+            device_serial_number="espmed",
+            omit_empty_frames=False,
+        )
+
+
+def write_dicom_seg(
+    path: str | Path,
+    sources: Sequence,
+    masks: Sequence[np.ndarray],
+    label: str = "ESP-MedSAM mask",
+    modality_name: str = "",
+) -> Path:
+    """A binary DICOM SEG of `masks` (one per source frame, in order) referencing the sources;
+    ImageReadError when the source cannot have one (`dicom_results` falls back instead)."""
     try:
-        with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
-            warnings.simplefilter("ignore", UserWarning)
-            seg = hd.seg.Segmentation(
-                source_images=list(sources),
-                pixel_array=pixel_array,
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=[description],
-                series_instance_uid=hd.UID(),
-                series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
-                sop_instance_uid=hd.UID(),
-                instance_number=1,
-                manufacturer="espmed",
-                manufacturer_model_name="ESP-MedSAM",
-                software_versions=__version__,
-                device_serial_number="espmed",
-                omit_empty_frames=False,
-            )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        source = getattr(first, "filename", None) or path
+        seg = _segmentation(
+            sources, masks, label=label, modality_name=modality_name, series_uid=None, sop_uid=None, instance_number=1
+        )
+    except SEG_UNSUPPORTED as exc:
+        source = getattr(sources[0], "filename", None) or path
         why = first_line(exc, with_type=True)
-        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({why}); use --format png") from None
+        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({why})") from None
+    return save_dicom(path, seg)
+
+
+def save_dicom(path: str | Path, seg) -> Path:
+    """Write a derived dataset (SEG or Secondary Capture, with preamble and file meta) atomically."""
+    path = Path(path)
     with atomic_open(path, "wb") as fh:
         seg.save_as(fh)
     return path
+
+
+def dicom_results(
+    sources: Sequence,
+    frames: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    modality_name: str = "",
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    instance_number: int = 1,
+) -> tuple[list, str | None]:
+    """(datasets, note): the SEG of `masks`, or where the source cannot have one (e.g. a
+    multi-frame image without Frame of Reference) one Secondary Capture overlay per frame, with a
+    one-line note saying so. frames: the display frames the masks were computed on."""
+    from .writers import overlay_secondary_captures
+
+    try:
+        seg = _segmentation(
+            sources, masks, label="ESP-MedSAM mask", modality_name=modality_name, series_uid=series_uid,
+            sop_uid=sop_uid, instance_number=instance_number,
+        )
+        return [seg], None
+    except SEG_UNSUPPORTED as exc:
+        why = f"no DICOM SEG for this source ({first_line(exc, with_type=True)})"
+    captures = overlay_secondary_captures(
+        sources, frames, masks,
+        series_uid=derived_uid(series_uid, "sc") if series_uid else None,
+        sop_uid=sop_uid,
+    )
+    return captures, f"{why}; wrote {len(captures)} Secondary Capture overlay(s) instead"
