@@ -158,7 +158,10 @@ def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
 
 
 def test_cpu_info_parses_flags():
-    text = "processor\t: 0\nmodel name\t: Test CPU\nphysical id\t: 0\ncore id\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    text = (
+        "processor\t: 0\nmodel name\t: Test CPU\nphysical id\t: 0\ncore id\t: 0\n"
+        "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
+    )
     info = cpu_info(text)
     assert info["model"] == "Test CPU" and info["physical_cores"] == 1
     assert info["flags"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
