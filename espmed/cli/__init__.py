@@ -12,7 +12,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import bench, convert, export, info, predict, train
+from . import bench, convert, export, info, predict, serve, train
 
 app = typer.Typer(
     name="espmed",
@@ -39,7 +39,7 @@ def main(
     _state["debug"] = debug
 
 
-for module in (info, convert, predict, export, bench, train):
+for module in (info, convert, predict, serve, export, bench, train):
     module.register(app)
 
 

@@ -1,0 +1,23 @@
+"""`espmed serve`: a scanner-side DICOM node that receives images, segments them and sends a SEG.
+
+A modality or PACS pushes a series by C-STORE; every instance is checked like a `predict` input
+and written atomically to the spool before success is returned. A series is complete when no new
+instance has come for `series_timeout` seconds; it is then segmented as one batched volume and its
+DICOM SEG (or Secondary Capture overlays where a SEG cannot describe the source) is queued for every
+destination and sent by C-STORE, with retries and backoff, into a dead-letter folder after the last
+try, never dropped. Output UIDs are derived from the source instances and the model, so a resend is
+the same instance; a late instance reopens its series and a superseding SEG (same SEG series, higher
+InstanceNumber) follows. Whatever is in the spool when the node starts is resumed.
+
+    spool.py      on-disk state: instances, done records, outbox, dead letters, limits
+    scheduler.py  series completion by timeout, the segmentation worker
+    segment.py    one series -> derived datasets
+    sender.py     per-destination C-STORE with retry, backoff and dead letters
+    server.py     the association acceptor: allowlist, TLS, C-ECHO / C-STORE handlers
+    status.py     counters, last errors, the status file
+    node.py       configuration and wiring, run until stopped
+"""
+
+from .node import Destination, Limits, ServeConfig, run
+
+__all__ = ["Destination", "Limits", "ServeConfig", "run"]

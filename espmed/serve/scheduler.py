@@ -1,0 +1,125 @@
+"""Series completion and the segmentation worker.
+
+A series is due once `timeout` seconds passed without a new instance. The single worker (the
+model uses all the cores it was given) segments due series one at a time, queues the outputs for
+every destination, then writes the done record, so a crash anywhere leaves the series pending
+and a restart redoes it with the same output UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..atomic import file_sha256
+from .segment import segment_series
+from .spool import Spool
+from .status import Status
+
+log = logging.getLogger("espmed.serve")
+#: Seconds between sweeps for series past their retention.
+EXPIRE_EVERY = 60.0
+
+
+class SeriesClock:
+    """When each open series last received an instance (monotonic seconds). Thread-safe."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def touch(self, series_uid: str) -> None:
+        with self._lock:
+            self._last[series_uid] = time.monotonic()
+
+    def take_due(self) -> list[str]:
+        """The series whose timeout has passed, removed from the clock (oldest first)."""
+        now = time.monotonic()
+        with self._lock:
+            due = sorted((t, uid) for uid, t in self._last.items() if now - t >= self.timeout)
+            for _, uid in due:
+                del self._last[uid]
+            return [uid for _, uid in due]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._last)
+
+
+def model_hash(segmenter) -> str:
+    """What output UIDs derive from besides the sources: the artifact's manifest when it has one
+    (it hashes every member file), else the artifact file itself."""
+    source = segmenter.source
+    manifest = source.with_name(source.name + ".manifest.json")
+    return file_sha256(manifest if manifest.is_file() else source)
+
+
+class Worker(threading.Thread):
+    """Segments due series and queues their outputs until `stop` is set."""
+
+    def __init__(self, *, segmenter, spool: Spool, clock: SeriesClock, status: Status, senders: list,
+                 destinations: list, keep_seconds: float, stop: threading.Event) -> None:
+        super().__init__(name="segment", daemon=True)
+        self.segmenter = segmenter
+        self.hash = model_hash(segmenter)
+        self.spool = spool
+        self.clock = clock
+        self.status = status
+        self.senders = senders
+        self.destinations = destinations
+        self.keep_seconds = keep_seconds
+        self.stop = stop
+        self._expired_at = 0.0
+
+    def resume(self) -> int:
+        """Put every pending series of the spool back on the clock (after a restart)."""
+        pending = [uid for uid in self.spool.series_uids() if self.spool.pending(uid)]
+        for uid in pending:
+            self.clock.touch(uid)
+        return len(pending)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for uid in self.clock.take_due():
+                if self.stop.is_set():
+                    break
+                if self.spool.pending(uid):
+                    self.process(uid)
+            if time.monotonic() - self._expired_at > EXPIRE_EVERY:
+                self._expired_at = time.monotonic()
+                self.spool.expire(self.keep_seconds)
+            self.status.waiting = len(self.clock)
+            self.status.write(self.spool.counts(), force=False)
+            self.stop.wait(0.1)
+
+    def process(self, series_uid: str) -> None:
+        paths = self.spool.instances(series_uid)
+        self.status.segmenting = series_uid
+        self.status.write(self.spool.counts())
+        t0 = time.perf_counter()
+        result = segment_series(self.segmenter, model_hash=self.hash, series_uid=series_uid, paths=paths)
+        for ds in result.outputs:
+            for d in self.destinations:
+                self.spool.queue(d.key, str(ds.SOPInstanceUID), ds)
+        if not self.destinations:
+            for ds in result.outputs:
+                self.spool.keep_result(series_uid, str(ds.SOPInstanceUID), ds)
+        outputs = [str(ds.SOPInstanceUID) for ds in result.outputs]
+        self.spool.mark_done(series_uid, result.instances, outputs, result.result)
+        for sender in self.senders:
+            sender.wake.set()
+        self.status.segmenting = None
+        self.status.add("series_segmented" if result.outputs else "series_failed")
+        self.status.add("frames_segmented", result.frames)
+        if result.errors:
+            self.status.error(f"series {series_uid}: {result.result}")
+        ms_frame = result.infer_ms / result.frames if result.frames else 0.0
+        where = ", ".join(str(d) for d in self.destinations) or f"{self.spool.root / 'results'}"
+        log.info(
+            "series %s: %d instances, %d frames, %.1f ms/frame, %.0f ms total, %d output(s) -> %s; %s",
+            series_uid, len(result.instances), result.frames, ms_frame, (time.perf_counter() - t0) * 1e3,
+            len(outputs), where, result.result,
+        )
+        self.status.write(self.spool.counts())

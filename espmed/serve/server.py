@@ -1,0 +1,138 @@
+"""The association acceptor: who may connect, what it accepts, and the C-ECHO / C-STORE handlers.
+
+Calling AE titles outside the allowlist are rejected at association. Presentation contexts are
+the image storage SOP classes with every transfer syntax a decoder is installed for; anything
+else is refused in negotiation. A C-STORE is answered Success only after the instance passed the
+same checks as a `predict` input (SOP class, declared size, decodable pixels) and is in the spool;
+otherwise it gets a failure status naming the reason, and the association goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from ..errors import EspmedError
+from ..io.dicom import check_image_instance, dicom_frames, is_image_storage
+from .scheduler import SeriesClock
+from .spool import Spool, SpoolFull, check_uid
+from .status import Status
+
+log = logging.getLogger("espmed.serve")
+
+#: C-STORE failure statuses (PS3.4 B.2.3).
+OUT_OF_RESOURCES = 0xA700
+NOT_AN_IMAGE = 0xA900  # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC000
+#: Uncompressed transfer syntaxes: always accepted.
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+#: Compressed transfer syntaxes, accepted when a pixel decoder for them is installed.
+COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5",
+)
+
+
+def accepted_syntaxes() -> list[str]:
+    """Native transfer syntaxes plus the compressed ones this machine can decode."""
+    from pydicom.pixels import get_decoder
+
+    from ..io.dicom_codecs import register
+
+    register()
+    return list(NATIVE_SYNTAXES) + [uid for uid in COMPRESSED_SYNTAXES if get_decoder(uid).is_available]
+
+
+def storage_classes() -> list[str]:
+    """The image storage SOP classes pynetdicom knows, in UID order."""
+    from pynetdicom import AllStoragePresentationContexts
+
+    return sorted({c.abstract_syntax for c in AllStoragePresentationContexts if is_image_storage(c.abstract_syntax)})
+
+
+def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    """Server TLS; with `ca`, clients must present a certificate it signed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        if ca is not None:
+            context.load_verify_locations(cafile=str(ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise EspmedError(f"TLS: cannot load {cert} / {key}{f' / {ca}' if ca else ''} ({exc})") from None
+    return context
+
+
+class StoreHandler:
+    """The C-STORE / C-ECHO / association event handlers over one spool."""
+
+    def __init__(self, *, spool: Spool, clock: SeriesClock, status: Status, instance_bytes: int) -> None:
+        self.spool = spool
+        self.clock = clock
+        self.status = status
+        self.instance_bytes = instance_bytes
+
+    def handlers(self) -> list:
+        from pynetdicom import evt
+
+        return [
+            (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected),
+        ]
+
+    def on_echo(self, event) -> int:
+        self.status.add("echoes")
+        return 0x0000
+
+    def on_accepted(self, event) -> None:
+        self.status.add("associations")
+
+    def on_rejected(self, event) -> None:
+        self.status.add("associations_rejected")
+        who = event.assoc.requestor
+        message = f"association from {who.ae_title}@{who.address} rejected"
+        self.status.error(message)
+        log.warning(message)
+
+    def on_store(self, event):
+        """Check, spool, then acknowledge; any refusal is a failure status with a one-line comment."""
+        calling = event.assoc.requestor.ae_title
+        code = CANNOT_UNDERSTAND  # what a failure of the current step answers
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            if len(data) > self.instance_bytes:
+                raise SpoolFull(f"instance of {len(data):,} bytes exceeds the {self.instance_bytes:,}-byte limit")
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
+            series = check_uid(ds.SeriesInstanceUID, "Series Instance UID")
+            label = Path(f"{calling}:{sop}")
+            code = NOT_AN_IMAGE
+            check_image_instance(ds, label)
+            code = CANNOT_UNDERSTAND
+            dicom_frames(ds, label)  # the predict checks: declared size, decodable, finite
+            self.spool.store_instance(series, sop, data)
+        except (SpoolFull, OSError) as exc:
+            return self._refuse(OUT_OF_RESOURCES, calling, str(exc))
+        except EspmedError as exc:
+            return self._refuse(code, calling, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a malformed data set raises anything on access
+            return self._refuse(CANNOT_UNDERSTAND, calling, f"malformed data set ({type(exc).__name__}: {exc})")
+        self.clock.touch(series)
+        self.status.add("instances_received")
+        return 0x0000
+
+    def _refuse(self, code: int, calling: str, why: str):
+        from pydicom.dataset import Dataset
+
+        why = " ".join(why.split())
+        self.status.add("instances_refused")
+        self.status.error(f"C-STORE from {calling} refused (0x{code:04X}): {why}")
+        log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, why)
+        status = Dataset()
+        status.Status = code
+        status.ErrorComment = why[:64]
+        return status

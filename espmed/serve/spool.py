@@ -1,0 +1,196 @@
+"""The spool: everything the node has acknowledged or still has to send, on disk, written atomically.
+
+    instances/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances, bytes as sent
+    done/<SeriesInstanceUID>.json                        instances last segmented, and when
+    outbox/<destination>/<SOPInstanceUID>.dcm            derived instances still to send
+    outbox/<destination>/<SOPInstanceUID>.tries          failed attempts so far
+    dead/<destination>/<SOPInstanceUID>.dcm              given up after the last try (kept)
+    results/<SeriesInstanceUID>/<SOPInstanceUID>.dcm     outputs, when there is no destination
+    status.json                                          see status.py
+
+A series is pending while its instance files differ from its done record, so a restart finds the
+work it was doing from the files alone. UIDs are file names only after `check_uid`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ..atomic import write_bytes, write_text
+from ..errors import EspmedError
+from ..io.dicom import save_dicom
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolFull(EspmedError):
+    """An instance would break a spool limit or the disk-free floor: refuse it, keep the rest."""
+
+
+def check_uid(uid: str, what: str) -> str:
+    """A UID safe to use as a file name (digits and dots, at most 64 characters)."""
+    uid = str(uid).strip().rstrip("\0")
+    if not uid or len(uid) > 64 or not _UID.match(uid):
+        raise ValueError(f"invalid {what} {uid[:70]!r}")
+    return uid
+
+
+class Spool:
+    """The spool folder and its byte accounting. Thread-safe."""
+
+    def __init__(self, root: Path, *, series_bytes: int, spool_bytes: int, min_free_bytes: int) -> None:
+        self.root = Path(root)
+        self.series_limit = series_bytes
+        self.spool_limit = spool_bytes
+        self.min_free = min_free_bytes
+        for sub in ("instances", "done", "outbox", "dead"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._series: dict[str, int] = {}
+        for folder in (self.root / "instances").iterdir():
+            if folder.is_dir():
+                self._series[folder.name] = sum(p.stat().st_size for p in folder.glob("*.dcm"))
+        derived = sum(_folder_bytes(self.root / sub) for sub in ("outbox", "dead", "results"))
+        self._total = sum(self._series.values()) + derived
+
+    # -- received instances ----------------------------------------------------------------------
+    def store_instance(self, series_uid: str, sop_uid: str, data: bytes) -> None:
+        """Write one received instance atomically, within the limits (SpoolFull otherwise)."""
+        path = self.root / "instances" / series_uid / f"{sop_uid}.dcm"
+        with self._lock:
+            old = path.stat().st_size if path.is_file() else 0
+            grow = len(data) - old
+            series = self._series.get(series_uid, 0)
+            if series + grow > self.series_limit:
+                raise SpoolFull(f"series {series_uid} would exceed the {_gib(self.series_limit)} per-series limit")
+            if self._total + grow > self.spool_limit:
+                raise SpoolFull(f"spool would exceed its {_gib(self.spool_limit)} limit")
+            free = shutil.disk_usage(self.root).free
+            if free - len(data) < self.min_free:
+                raise SpoolFull(f"disk free {_gib(free)} is at the {_gib(self.min_free)} floor")
+            self._series[series_uid] = series + grow
+            self._total += grow
+        try:
+            write_bytes(path, data)
+        except OSError:
+            with self._lock:
+                self._series[series_uid] -= grow
+                self._total -= grow
+            raise
+
+    def instances(self, series_uid: str) -> list[Path]:
+        return sorted((self.root / "instances" / series_uid).glob("*.dcm"))
+
+    def series_uids(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "instances").iterdir() if p.is_dir())
+
+    # -- done records ----------------------------------------------------------------------------
+    def done(self, series_uid: str) -> set[str]:
+        """SOP Instance UIDs covered by the last segmentation of the series."""
+        path = self.root / "done" / f"{series_uid}.json"
+        try:
+            return set(json.loads(path.read_text(encoding="utf-8"))["instances"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def mark_done(self, series_uid: str, instance_uids: set[str], outputs: list[str], result: str) -> None:
+        record = {"instances": sorted(instance_uids), "outputs": outputs, "result": result, "time": time.time()}
+        write_text(self.root / "done" / f"{series_uid}.json", json.dumps(record, indent=1))
+
+    def pending(self, series_uid: str) -> bool:
+        return {p.stem for p in self.instances(series_uid)} != self.done(series_uid)
+
+    def expire(self, keep_seconds: float) -> int:
+        """Forget series segmented more than `keep_seconds` ago (their instances are kept until
+        then so that a late instance can reopen the series). Returns how many were removed."""
+        removed = 0
+        for record in (self.root / "done").glob("*.json"):
+            uid = record.stem
+            try:
+                done_at = float(json.loads(record.read_text(encoding="utf-8"))["time"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if time.time() - done_at < keep_seconds or self.pending(uid):
+                continue
+            with self._lock:
+                shutil.rmtree(self.root / "instances" / uid, ignore_errors=True)
+                record.unlink(missing_ok=True)
+                self._total -= self._series.pop(uid, 0)
+            removed += 1
+        return removed
+
+    # -- outbox and dead letters -------------------------------------------------------------------
+    def queue(self, destination: str, sop_uid: str, ds) -> None:
+        """Put a derived dataset in a destination's outbox (a re-made identical one replaces it)."""
+        self._save(self.root / "outbox" / destination / f"{sop_uid}.dcm", ds)
+
+    def keep_result(self, series_uid: str, sop_uid: str, ds) -> None:
+        """Without destinations, derived datasets stay in results/<series>/ for collection."""
+        self._save(self.root / "results" / series_uid / f"{sop_uid}.dcm", ds)
+
+    def _save(self, path: Path, ds) -> None:
+        old = path.stat().st_size if path.is_file() else 0
+        save_dicom(path, ds)
+        with self._lock:
+            self._total += path.stat().st_size - old
+
+    def outbox(self, destination: str) -> list[Path]:
+        folder = self.root / "outbox" / destination
+        return sorted(folder.glob("*.dcm"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+
+    def tries(self, item: Path) -> int:
+        try:
+            return int(item.with_suffix(".tries").read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            return 0
+
+    def record_try(self, item: Path, tries: int) -> None:
+        write_text(item.with_suffix(".tries"), str(tries))
+
+    def sent(self, item: Path) -> None:
+        size = item.stat().st_size
+        item.unlink()
+        item.with_suffix(".tries").unlink(missing_ok=True)
+        with self._lock:
+            self._total -= size
+
+    def bury(self, item: Path, destination: str) -> Path:
+        """Move an undeliverable item to the dead-letter folder (kept; move it back to retry)."""
+        dead = self.root / "dead" / destination
+        dead.mkdir(parents=True, exist_ok=True)
+        target = dead / item.name
+        os.replace(item, target)
+        item.with_suffix(".tries").unlink(missing_ok=True)
+        return target
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return queue_counts(self.root)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+
+def queue_counts(root: Path) -> dict[str, dict[str, int]]:
+    """Items waiting in each destination's outbox and dead-letter folder of the spool at `root`."""
+
+    def by_folder(folder: Path) -> dict[str, int]:
+        if not folder.is_dir():
+            return {}
+        return {d.name: len(list(d.glob("*.dcm"))) for d in sorted(folder.iterdir()) if d.is_dir()}
+
+    return {"outbox": by_folder(Path(root) / "outbox"), "dead_letter": by_folder(Path(root) / "dead")}
+
+
+def _folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*.dcm"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
