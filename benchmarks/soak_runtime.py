@@ -108,7 +108,7 @@ def tiny_onnx(folder: Path) -> Path:
             if t.is_floating_point():
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var") else torch.randn(t.shape, generator=g) * 0.2)
     checkpoint = save_checkpoint(model.eval(), folder / "tiny.safetensors")
-    return export(checkpoint, "onnx", folder / "tiny.onnx", modality="fundus", dynamic=True, simplify="none", progress=False).artifact
+    return export(checkpoint, "onnx", folder / "tiny.onnx", modality="fundus", dynamic=True, simplify="none").artifact
 
 
 def main(argv: list[str] | None = None) -> int:

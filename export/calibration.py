@@ -24,7 +24,8 @@ from .manifest import files_sha256
 @dataclass
 class CalibrationImage:
     path: Path
-    x: np.ndarray  # (3, S, S) float32 model input
+    image: np.ndarray  # the decoded file, as a device receives it (the accuracy gate's input)
+    x: np.ndarray  # (3, S, S) float32 model input (calibration data)
     box: Letterbox
 
 
@@ -63,8 +64,9 @@ def load_calibration(directory: str | Path | None, input_size: int, mean, std) -
     files = image_files(source)
     loaded = []
     for f in files:
-        x, box = preprocess(read_frame(f), input_size, mean, std)
-        loaded.append(CalibrationImage(f, x, box))
+        image = read_frame(f)
+        x, box = preprocess(image, input_size, mean, std)
+        loaded.append(CalibrationImage(f, image, x, box))
     if len(loaded) == 1:
         calib, held = loaded, loaded
     else:

@@ -7,13 +7,18 @@ image size and thresholding stay outside (the runtime does them with `runtimes.p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from espmed.errors import ExportError, ModalityError
 from espmed.model import ESPMedSAM
+from espmed.runtimes.base import Segmenter
+from espmed.runtimes.metadata import ArtifactMetadata
 
 
 class ExportGraph(nn.Module):
@@ -36,6 +41,23 @@ class ExportGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(images, self.modality_index)
         return out.lowres_masks, out.patch_logits
+
+
+class GraphSegmenter(Segmenter):
+    """The FP32 reference of the accuracy gate: the export graph in torch behind the runtimes'
+    own preprocess, postprocess and mask rule (metadata: the artifact's, dynamic batch)."""
+
+    backend = "torch"
+
+    def __init__(self, graph: ExportGraph, metadata: ArtifactMetadata) -> None:
+        reference = dataclasses.replace(metadata, target="torch", backend="torch", precision="fp32", batch=0)
+        super().__init__(reference, Path(f"{metadata.preset}-{metadata.modality}.torch"))
+        self.graph = graph
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            lowres, patches = self.graph(torch.from_numpy(x))
+        return lowres.float().numpy(), patches.float().numpy()
 
 
 def choose_modality(

@@ -15,20 +15,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from espmed.atomic import file_sha256, write_text
-from espmed.errors import ArtifactError
+from espmed.runtimes.manifest import manifest_path
 from espmed.runtimes.metadata import ArtifactMetadata
 
-MANIFEST_SUFFIX = ".manifest.json"
-
 #: Libraries whose versions decide what an artifact computes.
-TRACKED_LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "onnxsim", "onnxslim", "tensorrt")
-
-
+TRACKED_LIBRARIES = (
+    "torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "onnxsim", "onnxslim", "tensorrt",
+)
 
 
 def files_sha256(paths: Iterable[str | os.PathLike]) -> str:
@@ -38,7 +36,8 @@ def files_sha256(paths: Iterable[str | os.PathLike]) -> str:
 
 
 def library_versions(names: Iterable[str] = TRACKED_LIBRARIES) -> dict[str, str]:
-    """Installed versions of the libraries that took part in an export (absent ones omitted)."""
+    """Installed versions of `names` (absent ones omitted): the libraries that took part in an export
+    by default; the benchmark records its own list through this too."""
     versions = {}
     for name in names:
         with contextlib.suppress(importlib_metadata.PackageNotFoundError):
@@ -46,38 +45,11 @@ def library_versions(names: Iterable[str] = TRACKED_LIBRARIES) -> dict[str, str]
     return versions
 
 
-def manifest_path(artifact: str | os.PathLike) -> Path:
-    artifact = Path(artifact)
-    return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
-
-
 def manifest_dict(meta: ArtifactMetadata, files: Iterable[Path]) -> dict:
     return {
         "metadata": json.loads(meta.to_json()),
         "files": {Path(f).name: file_sha256(f) for f in files},
     }
-
-
-def read_manifest(artifact: str | os.PathLike, verify: bool = True) -> tuple[ArtifactMetadata, dict[str, str]]:
-    """(metadata, {file name: sha256}) from the manifest beside `artifact`, hashes checked."""
-    path = manifest_path(artifact)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no manifest beside {Path(artifact).name}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        files = dict(data["files"])
-        meta_json = json.dumps(data["metadata"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: malformed manifest ({exc})") from None
-    meta = ArtifactMetadata.from_json(meta_json, str(path))
-    if verify:
-        for name, digest in files.items():
-            f = path.parent / name
-            if not f.is_file():
-                raise ArtifactError(f"{path}: listed file {name} is missing")
-            if file_sha256(f) != digest:
-                raise ArtifactError(f"{path}: {name} does not match its SHA-256 in the manifest")
-    return meta, files
 
 
 @contextlib.contextmanager
@@ -93,7 +65,9 @@ def staging_dir(destination: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(staged: list[Path], destination_dir: Path, meta: ArtifactMetadata, artifact_name: str) -> tuple[list[Path], Path]:
+def publish(
+    staged: list[Path], destination_dir: Path, meta: ArtifactMetadata, artifact_name: str
+) -> tuple[list[Path], Path]:
     """Move staged files to their final names, then write the manifest (last).
 
     Returns (final file paths, manifest path). The first staged file is the main artifact.

@@ -13,13 +13,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
-import re
 import warnings
 from pathlib import Path
 
 import onnx
 
 from espmed.errors import ExportError, first_line
+from espmed.runtimes.base import Segmenter
 from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
 
 EXPORTER = "torch.onnx dynamo"
@@ -32,7 +32,9 @@ MAX_FOLD_GROWTH = 1.1
 FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt")
 
 
-def export_onnx(graph, path: Path, *, image_size: int, batch: int, dynamic: bool, opset: int, simplify: str) -> onnx.ModelProto:
+def export_onnx(
+    graph, path: Path, *, image_size: int, batch: int, dynamic: bool, opset: int, simplify: str
+) -> onnx.ModelProto:
     """Export `graph` (an ExportGraph) and return the cleaned, simplified ONNX model (not yet saved)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -187,20 +189,6 @@ def embed_metadata(model: onnx.ModelProto, meta: ArtifactMetadata) -> None:
     model.producer_name = "espmed"
 
 
-def read_metadata(path: str | Path) -> ArtifactMetadata:
-    """The espmed metadata embedded in an ONNX file (graph weights are not loaded)."""
-    from espmed.errors import ArtifactError
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ArtifactError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        raise ArtifactError(f"{path}: ONNX model without espmed metadata")
-    return ArtifactMetadata.from_json(props[METADATA_KEY], str(path))
-
-
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Save as one file when it fits protobuf's 2 GB limit, else with a `.onnx.data` beside it."""
     if model.ByteSize() < 2_000_000_000:
@@ -211,11 +199,16 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, path.with_name(data)]
 
 
+def save_and_open(model: onnx.ModelProto, meta: ArtifactMetadata, path: Path) -> Segmenter:
+    """Embed `meta`, save at `path` and open it as a device would (the gate's candidate)."""
+    from espmed.runtimes import load
+
+    embed_metadata(model, meta)
+    save_onnx(model, path)
+    return load(path, verify=False)
+
+
 def node_module(node_name: str) -> str:
     """The module path part of a node name given by `name_nodes_by_module`."""
     return node_name.rsplit("/", 1)[0]
 
-
-def nodes_matching(model: onnx.ModelProto, pattern: str) -> list[str]:
-    rx = re.compile(pattern)
-    return [n.name for n in model.graph.node if rx.search(n.name)]

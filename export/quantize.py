@@ -9,15 +9,16 @@ growing sets (`FLOAT_LEVELS`) until the accuracy gate passes on held-out images.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
-from espmed.runtimes.metadata import INPUT_NAME
+from espmed.runtimes.base import Segmenter
+from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
-from .accuracy import Attempt, Runner, search_float_layers
+from .accuracy import Attempt, Gate
 from .calibration import CalibrationImage
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -27,7 +28,10 @@ QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 #: the final mask product) and the SPPG patch head. The last level still quantizes the patch embed
 #: and the convolutional first stage: a graph with nothing quantized is not an INT8 artifact.
 FLOAT_LEVELS: tuple[tuple[str, str], ...] = (
-    ("sensitive layers", r"^(trunk\.patch_embed\.seq\.0([./]|$)|decoder\.(output_upscaling|hypernetworks)|decoder/|sppg\.patch_head)"),
+    (
+        "sensitive layers",
+        r"^(trunk\.patch_embed\.seq\.0([./]|$)|decoder\.(output_upscaling|hypernetworks)|decoder/|sppg\.patch_head)",
+    ),
     ("+ decoder, SPPG, neck", r"^(decoder|sppg|neck)([./]|$)"),
     ("+ trunk attention", r"^trunk\..*\.attn([./]|$)"),
     ("+ trunk stages 3-4", r"^trunk\.layers\.[23]([./]|$)"),
@@ -39,9 +43,10 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES]
 
 
-def float_levels(node_names: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Cumulative float-layer sets over `node_names` (named `<module>/<Op>_<i>`)."""
-    levels, keep = [], set()
+def float_levels(node_names: Sequence[str], always_float: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """Cumulative float-layer sets over `node_names` (ONNX `<module>/<Op>_<i>` or OpenVINO friendly
+    names), each level adding the names its pattern matches to `always_float` and the levels before."""
+    levels, keep = [], set(always_float)
     for label, pattern in FLOAT_LEVELS:
         rx = re.compile(pattern)
         keep |= {n for n in node_names if rx.search(n)}
@@ -64,27 +69,16 @@ class _Reader:
         self._it = iter(self._items)
 
 
-def onnx_runner(path: str | Path) -> Runner:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def run(x: np.ndarray):
-        low, patch = session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
-        return low, patch
-
-    return run
-
-
-def quantize_static_qdq(fp32_path: Path, out_path: Path, images: Sequence[CalibrationImage], batch: int, float_layers: Sequence[str]) -> None:
+def quantize_static_qdq(
+    source: Path, out: Path, *, calibration: Sequence[CalibrationImage], batch: int, float_layers: Sequence[str]
+) -> None:
+    """Static QDQ INT8 of `source` at `out`, calibrated on `calibration` repeated to `batch` (0: 1)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
-        str(fp32_path),
-        str(out_path),
-        _Reader(images, batch),
+        str(source),
+        str(out),
+        _Reader(calibration, batch),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(QUANTIZED_OP_TYPES),
         per_channel=True,
@@ -97,21 +91,24 @@ def quantize_static_qdq(fp32_path: Path, out_path: Path, images: Sequence[Calibr
 
 
 def quantize_onnx_int8(
-    fp32_path: Path,
-    out_path: Path,
+    *,
+    source: Path,
+    out: Path,
     calibration: Sequence[CalibrationImage],
-    held_out: Sequence[CalibrationImage],
-    reference: list[tuple[np.ndarray, np.ndarray]],
-    batch: int,
-    max_drop: float,
-    threshold: float = 0.0,
-    on_attempt: Callable[[Attempt], None] | None = None,
+    gate: Gate,
+    metadata: ArtifactMetadata,
 ) -> tuple[Attempt, list[Attempt]]:
-    """Write the first INT8 model (at `out_path`) that passes the gate; return the attempts."""
-    nodes = quantizable_nodes(onnx.load(str(fp32_path), load_external_data=False))
+    """Write at `out` the first INT8 model of `source` (FP32 ONNX) that passes `gate`.
 
-    def quantize(float_layers: list[str]) -> Runner:
-        quantize_static_qdq(fp32_path, out_path, calibration, batch, float_layers)
-        return onnx_runner(out_path)
+    Each attempt is saved with `metadata` embedded and judged through ONNX Runtime's Segmenter.
+    Returns (the passing attempt, all attempts).
+    """
+    from .onnx_export import save_and_open
 
-    return search_float_layers(float_levels(nodes), quantize, reference, held_out, batch, max_drop, threshold, on_attempt)
+    nodes = quantizable_nodes(onnx.load(str(source), load_external_data=False))
+
+    def quantize(float_layers: list[str]) -> Segmenter:
+        quantize_static_qdq(source, out, calibration=calibration, batch=metadata.batch, float_layers=float_layers)
+        return save_and_open(onnx.load(str(out)), metadata, out)
+
+    return gate.search(float_levels(nodes), quantize)

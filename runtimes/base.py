@@ -142,7 +142,9 @@ class Segmenter:
         """One image -> model input (3, S, S) float32 with this artifact's normalisation, and its letterbox."""
         return preprocess(image, self.input_size, self._mean, self._std)
 
-    def postprocess(self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool = False) -> Prediction:
+    def postprocess(
+        self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool = False
+    ) -> Prediction:
         """One image's graph outputs (lowres (S/4, S/4), patches (S/32, S/32)) -> its Prediction.
 
         Public so that the export gate judges an artifact by exactly this step.

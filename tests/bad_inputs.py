@@ -483,9 +483,9 @@ def _tampered(which: str, member_suffix: str | None = None) -> Callable[[Path, C
 
 
 def engine_metadata(ctx: Context, trt_version: str, gpu: str, cc: str):
-    from espmed.export.onnx_export import read_metadata
+    from espmed.runtimes import load
 
-    meta = read_metadata(ctx.onnx)
+    meta = load(ctx.onnx, verify=False).metadata
     meta.target, meta.backend = "trt-fp16", "tensorrt"
     meta.extra = {"tensorrt_version": trt_version, "gpu_name": gpu, "compute_capability": cc}
     return meta

@@ -71,7 +71,7 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     if all(p.is_file() for p in paths.values()):
         return paths
     write_checkpoint(paths["checkpoint"])
-    export(paths["checkpoint"], "onnx", paths["onnx"], modality="brain", dynamic=True, simplify="none", progress=False)
+    export(paths["checkpoint"], "onnx", paths["onnx"], modality="brain", dynamic=True, simplify="none")
     paths["openvino"].parent.mkdir(exist_ok=True)
     convert_openvino(paths["onnx"], paths["openvino"])  # the OpenVINO target is tested by export's tests
     paths["openvino_b2"].parent.mkdir(exist_ok=True)

@@ -18,17 +18,16 @@ import onnx
 import pytest
 import torch
 
+from espmed.atomic import file_sha256
 from espmed.errors import BackendUnavailableError, ExportError
 from espmed.export import TARGETS, export
-from espmed.export.accuracy import Comparison, search_float_layers
-from espmed.export.calibration import load_calibration
-from espmed.export.manifest import file_sha256, files_sha256, read_manifest
-from espmed.export.onnx_export import read_metadata as read_onnx_metadata
-from espmed.export.quantize import onnx_runner
+from espmed.export.accuracy import Gate
+from espmed.export.calibration import default_calibration_dir, load_calibration
+from espmed.export.manifest import files_sha256
 from espmed.model import ESPMedSAM, get_preset, save_checkpoint
-from espmed.runtimes.metadata import METADATA_KEY
-from espmed.runtimes.preprocess import preprocess
-
+from espmed.runtimes import Segmenter, load
+from espmed.runtimes.manifest import manifest_path, verify_manifest
+from espmed.runtimes.metadata import METADATA_KEY, ArtifactMetadata
 
 UNTRAINED_MAX_DROP = 0.05
 
@@ -57,7 +56,8 @@ def exports(tmp_path_factory):
     def get(ckpt: Path, target: str, dynamic: bool = False):
         key = (target, dynamic)
         if key not in cache:
-            cache[key] = export(ckpt, target, root / f"{target}{'-dyn' if dynamic else ''}", modality="fundus", dynamic=dynamic, max_drop=UNTRAINED_MAX_DROP, progress=False)
+            out = root / f"{target}{'-dyn' if dynamic else ''}"
+            cache[key] = export(ckpt, target, out, modality="fundus", dynamic=dynamic, max_drop=UNTRAINED_MAX_DROP)
         return cache[key]
 
     return get
@@ -70,6 +70,13 @@ def _torch_outputs(ckpt: Path, x: np.ndarray):
     with torch.no_grad():
         out = model(torch.from_numpy(x), "fundus")
     return out.lowres_masks.numpy(), out.patch_logits.numpy()
+
+
+def _read_manifest(artifact: Path):
+    """(metadata, {file: sha256}) of the manifest, through the runtimes' verifying reader."""
+    meta = verify_manifest(artifact)
+    assert meta is not None, f"no manifest beside {artifact}"
+    return meta, json.loads(manifest_path(artifact).read_text())["files"]
 
 
 def _sample_inputs(n: int) -> np.ndarray:
@@ -95,7 +102,7 @@ def test_target_table_lists_every_format_once():
     "kwargs, message",
     [
         ({"target": "tflite"}, "unknown export target 'tflite'"),
-        ({"target": "onnx", "runtime_precision": "bf16"}, "does not accept option(s) runtime_precision (accepted: none)"),
+        ({"target": "onnx", "runtime_precision": "bf16"}, "option(s) runtime_precision (accepted: none)"),
         ({"target": "openvino", "workspace_mb": 64}, "accepted: runtime_precision"),
         ({"target": "onnx", "batch": 2, "dynamic": True}, "not both"),
         ({"target": "onnx", "batch": 0}, "batch must be >= 1"),
@@ -110,14 +117,14 @@ def test_bad_requests_are_refused_with_one_line(tiny_ckpt, tmp_path, kwargs, mes
     out = kwargs.pop("out", None)
     kwargs.setdefault("modality", "fundus")
     with pytest.raises(ExportError) as exc:
-        export(tiny_ckpt, out=tmp_path / out if out else tmp_path, progress=False, **kwargs)
+        export(tiny_ckpt, out=tmp_path / out if out else tmp_path, **kwargs)
     assert message in str(exc.value) and "\n" not in str(exc.value)
     assert not [p for p in tmp_path.iterdir() if p.is_file()]
 
 
 def test_modality_must_be_chosen_when_several(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="choose one with --modality .*fundus, microscopy"):
-        export(tiny_ckpt, "onnx", tmp_path, progress=False)
+        export(tiny_ckpt, "onnx", tmp_path)
 
 
 def test_tensorrt_target_without_tensorrt_is_a_clear_error(tiny_ckpt, tmp_path):
@@ -127,7 +134,7 @@ def test_tensorrt_target_without_tensorrt_is_a_clear_error(tiny_ckpt, tmp_path):
     except ImportError:
         pass
     with pytest.raises(BackendUnavailableError, match="needs TensorRT 10"):
-        export(tiny_ckpt, "trt-fp16", tmp_path, modality="fundus", progress=False)
+        export(tiny_ckpt, "trt-fp16", tmp_path, modality="fundus")
 
 
 # -- ONNX FP32 -----------------------------------------------------------------------------------
@@ -142,21 +149,29 @@ def test_onnx_matches_torch_and_carries_metadata(tiny_ckpt, exports):
     assert "LayerNormalization" in ops and not ops & {"If", "Loop", "Scan"}  # one op, no control flow
     assert model.opset_import[0].version == 18
 
-    embedded = read_onnx_metadata(r.artifact)
-    listed, files = read_manifest(r.artifact)
+    embedded = load(r.artifact, verify=False).metadata
+    listed, files = _read_manifest(r.artifact)
     assert embedded.to_json() == listed.to_json() == r.metadata.to_json()
     assert files == {r.artifact.name: file_sha256(r.artifact)}
     m = embedded
-    assert (m.target, m.backend, m.precision, m.modality, m.modality_index) == ("onnx", "onnxruntime", "fp32", "fundus", 0)
+    assert (m.target, m.backend, m.precision) == ("onnx", "onnxruntime", "fp32")
+    assert (m.modality, m.modality_index) == ("fundus", 0)
     assert (m.input_size, m.batch, m.opset, m.simplifier) == (256, 1, 18, "onnxsim")
     assert m.exporter == "torch.onnx dynamo" and m.preset == "esp-medsam-tiny"
     assert m.source_checkpoint_sha256 == file_sha256(tiny_ckpt)
     assert m.preprocessing["mean"] == [123.675, 116.28, 103.53]
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(m.library_versions)
     assert m.accuracy["max_abs_lowres_logit"] < 1e-4 and min(m.accuracy["dice"]) == 1.0
+    assert m.accuracy["drop"] == [0.0] * len(m.accuracy["images"]) and m.accuracy["threshold"] == 0.0
+    # gated: exactly the held-out images whose mask from the runtime's torch reference has foreground
+    reference = load(tiny_ckpt, modality="fundus")
+    held_out = load_calibration(None, 256, (123.675,) * 3, (1.0,) * 3).held_out
+    foreground = [im.path.name for im in held_out if reference.predict(im.image).mask.any()]
+    assert foreground and m.accuracy["images"] == foreground
+    assert m.accuracy["without_foreground"] == [im.path.name for im in held_out if im.path.name not in foreground]
 
     x = _sample_inputs(1)
-    low, patch = onnx_runner(r.artifact)(x)
+    low, patch = load(r.artifact).run(x)
     ref_low, ref_patch = _torch_outputs(tiny_ckpt, x)
     assert low.shape == (1, 1, 64, 64) and patch.shape == (1, 1, 8, 8)
     np.testing.assert_allclose(low, ref_low, atol=1e-4)
@@ -168,7 +183,7 @@ def test_dynamic_batch_two_equals_two_single_runs(tiny_ckpt, exports):
     assert r.metadata.batch == 0
     model = onnx.load(str(r.artifact))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    run = onnx_runner(r.artifact)
+    run = load(r.artifact).run
     x = _sample_inputs(3)
     low2, patch2 = run(x[:2])
     singles = [run(x[i : i + 1]) for i in range(2)]
@@ -217,39 +232,88 @@ def test_onnx_int8_is_symmetric_per_channel_qdq_with_float_layers(tiny_ckpt, exp
     images = load_calibration(None, 256, (123.675,) * 3, (1.0,) * 3)
     assert meta.calibration["sha256"] == files_sha256(im.path for im in images.calibration)
     assert meta.calibration["images"] == len(images.calibration) and meta.calibration["held_out"]
-    assert min(meta.accuracy["dice"]) >= 1 - UNTRAINED_MAX_DROP and meta.accuracy["gate"]["chosen"] == "sensitive layers"
+    assert min(meta.accuracy["dice"]) >= 1 - UNTRAINED_MAX_DROP
+    assert meta.accuracy["gate"]["chosen"] == "sensitive layers"
     assert r.size_bytes < exports(tiny_ckpt, "onnx").size_bytes
 
 
-def _cmp(dices):
-    return Comparison([f"im{i}" for i in range(len(dices))], list(dices), 0.0, 0.0)
+class _Stub(Segmenter):
+    """A 32 px artifact: lowres logits +1 in the first `cols` of 8 columns, -1 elsewhere; all -1 for a
+    black image. Its mask is the first 4 * cols image columns, so Dice vs `cols=4` is 2 min(c, 4) / (c + 4)."""
+
+    def __init__(self, cols: int, *, batch: int = 0, threshold: float = 0.0) -> None:
+        meta = ArtifactMetadata(
+            target="onnx", backend="onnxruntime", precision="fp32", modality="fundus", modality_index=0,
+            modalities=["fundus"], input_size=32, batch=batch, preset="stub", espmed_version="0",
+            preprocessing={"mean": [0.0] * 3, "std": [1.0] * 3, "mask_threshold": threshold},
+            source_checkpoint_sha256="",
+        )
+        super().__init__(meta, Path(f"stub{cols}.onnx"))
+        self.cols, self.batches = cols, []
+
+    def _infer(self, x):
+        self.batches.append(len(x))
+        lowres = np.full((len(x), 1, 8, 8), -1.0, np.float32)
+        lowres[x.reshape(len(x), -1).max(axis=1) > 0, :, :, : self.cols] = 1.0
+        return lowres, np.zeros((len(x), 1, 1, 1), np.float32)
 
 
-def test_gate_falls_back_to_more_float_layers_then_fails_with_a_table(monkeypatch):
-    import espmed.export.accuracy as acc
+_BRIGHT = {f"im{i}.png": np.full((32, 32), 50 * (i + 1), np.uint8) for i in range(3)}
 
+
+def _gate(images=_BRIGHT, batch: int = 0) -> Gate:
+    return Gate.build(_Stub(4), images, max_drop=0.02, threshold=0.0, batch=batch)
+
+
+def test_gate_falls_back_to_more_float_layers_then_fails_with_a_table():
+    gate = _gate(batch=2)
     levels = [("sensitive layers", ["a"]), ("+ decoder", ["a", "b"]), ("+ trunk", ["a", "b", "c"])]
-    results = {1: [0.99, 0.95], 2: [0.995, 0.985], 3: [1.0, 1.0]}
-    monkeypatch.setattr(acc, "compare", lambda runner, *a, **k: _cmp(results[runner]))
-    tried = []
-    best, attempts = search_float_layers(levels, lambda fl: tried.append(fl) or len(fl), [], [], 1, 0.02)
+    cols = {1: 2, 2: 4, 3: 4}
+    tried, candidates = [], []
+
+    def quantize(float_layers):
+        tried.append(float_layers)
+        candidates.append(_Stub(cols[len(float_layers)], batch=2))
+        return candidates[-1]
+
+    best, attempts = gate.search(levels, quantize)
     assert best.label == "+ decoder" and best.float_layers == ["a", "b"] and len(attempts) == 2
     assert tried == [["a"], ["a", "b"]]
+    assert attempts[0].comparison.dice == pytest.approx([2 * 2 / 6] * 3) and best.comparison.dice == [1.0] * 3
+    assert all(c.batches == [2, 2] for c in candidates)  # 3 images, fixed batch 2: the last one zero-padded
+    accuracy = gate.describe_search(best, attempts)
+    assert accuracy["images"] == list(_BRIGHT) and accuracy["drop"] == [0.0] * 3
+    assert [a["dice"] for a in accuracy["gate"]["attempts"]] == [[0.666667] * 3, [1.0] * 3]
 
-    results.update({2: [0.9, 0.9], 3: [0.97, 0.99]})
+    cols.update({2: 3, 3: 3})
     with pytest.raises(ExportError) as exc:
-        search_float_layers(levels, lambda fl: len(fl), [], [], 1, 0.02)
+        gate.search(levels, quantize)
     text = str(exc.value)
     assert "INT8 accuracy gate failed" in text
     for label in ("sensitive layers", "+ decoder", "+ trunk"):
         assert label in text
     assert text.count("FAIL") == 3
+    with pytest.raises(ExportError, match=r"stub: Dice vs FP32 dropped to 0\.8571 on a held-out image"):
+        gate.check(_Stub(3), "stub")
+
+
+def test_gate_judges_only_images_with_fp32_foreground():
+    black = np.zeros((32, 32), np.uint8)
+    gate = _gate({"black.png": black, **_BRIGHT})
+    assert list(gate.images) == list(_BRIGHT) and gate.without_foreground == ["black.png"]
+    result = gate.compare(_Stub(0))  # empty masks everywhere: no agreement on the gated images
+    assert result.dice == [0.0] * 3 and gate.describe(result)["without_foreground"] == ["black.png"]
+    with pytest.raises(ExportError, match="no held-out image has foreground in the FP32 mask"):
+        _gate({"black.png": black})
+
+
+def test_gate_refuses_a_candidate_with_another_mask_threshold():
+    with pytest.raises(ExportError, match="mask threshold 0.5 is not the model's 0.0"):
+        _gate().compare(_Stub(4, threshold=0.5))
 
 
 def test_int8_gate_failure_writes_nothing(tiny_ckpt, tmp_path):
     import shutil
-
-    from espmed.export.calibration import default_calibration_dir
 
     calib = tmp_path / "calib"  # one calibration + one held-out image keeps the five tries quick
     calib.mkdir()
@@ -257,7 +321,7 @@ def test_int8_gate_failure_writes_nothing(tiny_ckpt, tmp_path):
         shutil.copy(default_calibration_dir() / name, calib / name)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="INT8 accuracy gate failed") as exc:
-        export(tiny_ckpt, "onnx-int8", out / "q.onnx", modality="fundus", calib=calib, max_drop=0.0, progress=False)
+        export(tiny_ckpt, "onnx-int8", out / "q.onnx", modality="fundus", calib=calib, max_drop=0.0)
     assert "+ trunk stages 2-4" in str(exc.value)
     assert list(out.iterdir()) == []
 
@@ -268,7 +332,7 @@ def test_openvino_ir_metadata_and_pinned_f32(tiny_ckpt, exports):
 
     r = exports(tiny_ckpt, "openvino")
     assert [f.suffix for f in r.files] == [".xml", ".bin"]
-    _, files = read_manifest(r.artifact)
+    _, files = _read_manifest(r.artifact)
     assert set(files) == {r.artifact.name, r.artifact.with_suffix(".bin").name}
     model = ov.Core().read_model(str(r.artifact))
     assert model.inputs[0].get_partial_shape().to_shape() == [1, 3, 256, 256]  # fixed batch 1
@@ -296,7 +360,7 @@ def test_openvino_fp16_and_int8_pass_the_dice_check(tiny_ckpt, exports):
 
 def test_bf16_runtime_precision_must_be_f32_or_bf16(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="f32 or bf16"):
-        export(tiny_ckpt, "openvino", tmp_path, modality="fundus", runtime_precision="fp8", progress=False)
+        export(tiny_ckpt, "openvino", tmp_path, modality="fundus", runtime_precision="fp8")
 
 
 # -- atomicity -----------------------------------------------------------------------------------
@@ -309,7 +373,7 @@ def test_failed_export_leaves_no_file_and_no_staging(tiny_ckpt, tmp_path, monkey
 
     monkeypatch.setattr(ox, "export_onnx", half_written)
     with pytest.raises(ExportError, match="injected failure"):
-        export(tiny_ckpt, "onnx", tmp_path / "m.onnx", modality="fundus", progress=False)
+        export(tiny_ckpt, "onnx", tmp_path / "m.onnx", modality="fundus")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,7 +381,7 @@ def test_killed_export_leaves_nothing_under_the_final_name(tiny_ckpt, tmp_path):
     out = tmp_path / "killed.onnx"
     code = (
         "import sys; from espmed.export import export; "
-        f"export({str(tiny_ckpt)!r}, 'onnx', {str(out)!r}, modality='fundus', progress=False)"
+        f"export({str(tiny_ckpt)!r}, 'onnx', {str(out)!r}, modality='fundus')"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -342,12 +406,21 @@ def test_rerun_overwrites_cleanly_and_bf16_is_recorded_when_asked(tiny_ckpt, exp
     first = exports(tiny_ckpt, "openvino")  # last user of the shared f32 IR: it is overwritten here
     folder = first.artifact.parent
     before = {p.name for p in folder.iterdir()}
-    second = export(tiny_ckpt, "openvino", first.artifact, modality="fundus", runtime_precision="bf16", progress=False)
+    events: list[tuple[str, str]] = []
+    second = export(
+        tiny_ckpt, "openvino", first.artifact, modality="fundus", runtime_precision="bf16",
+        progress=lambda event, text: events.append((event, text)),
+    )
     names = [first.artifact.name, first.artifact.with_suffix(".bin").name]
     assert {p.name for p in folder.iterdir()} == before == {*names, first.artifact.name + ".manifest.json"}
-    meta, files = read_manifest(second.artifact)  # hashes verified against the files now there
+    meta, files = _read_manifest(second.artifact)  # hashes verified against the files now there
     assert meta.to_json() == second.metadata.to_json() and set(files) == set(names)
     assert (first.metadata.runtime_precision, meta.runtime_precision) == ("f32", "bf16")
+    # progress reaches the caller as events: every stage started is finished, results as notes
+    stages = [text for event, text in events if event == "start"]
+    assert stages[0] == "load checkpoint" and stages[-1] == "publish (atomic)"
+    assert stages == [text for event, text in events if event == "finish"]
+    assert any(event == "note" and "openvino fp32 (bf16)" in text and "Dice vs FP32" in text for event, text in events)
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -362,14 +435,14 @@ def test_cli_export_prints_artifact_size_and_run_command(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"artifact: {tmp_path / 'cli.onnx'}" in r.stdout and " MB" in r.stdout
     assert f"espmed predict IMAGE --model {tmp_path / 'cli.onnx'}" in r.stdout
-    meta = read_onnx_metadata(tmp_path / "cli.onnx")
+    meta = load(tmp_path / "cli.onnx").metadata
     assert meta.simplifier == "onnxslim" and meta.batch == 0
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--target", "onnx", "--modality", "fundus", "--runtime-precision", "bf16"], "does not accept option(s) runtime_precision"),
+        (["--target", "onnx", "--modality", "fundus", "--runtime-precision", "bf16"], "does not accept option(s)"),
         (["--target", "trt-fp16", "--modality", "fundus"], "TensorRT"),
         (["--target", "onnx-int8", "--modality", "fundus", "--calib", "/nonexistent"], "calibration folder not found"),
     ],

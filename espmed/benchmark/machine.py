@@ -10,7 +10,6 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata as importlib_metadata
 
 #: /proc/cpuinfo flags that decide which kernels a backend can use (reported when present).
 ISA_FLAGS = (
@@ -95,13 +94,9 @@ def memory_gib() -> float | None:
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
     """Installed versions of `names` (absent ones omitted), plus Python's."""
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
+    from espmed.export.manifest import library_versions as installed
+
+    return {"python": platform.python_version(), **installed(names)}
 
 
 def has_nvidia_gpu() -> bool:

@@ -28,12 +28,16 @@ def agreement(logits: dict[str, np.ndarray], reference: dict[str, np.ndarray], t
     }
 
 
-def ground_truth_scores(logits: dict[str, np.ndarray], masks: dict[str, np.ndarray], threshold: float = 0.0) -> dict | None:
+def ground_truth_scores(
+    logits: dict[str, np.ndarray], masks: dict[str, np.ndarray], threshold: float = 0.0
+) -> dict | None:
     """Mean Dice/IoU of the predicted masks against ground truth (None without masks)."""
     if not masks:
         return None
     predicted = {name: mask_from_logits(logits[name], threshold) for name in masks}
-    per_image = {name: {"dice": dice(predicted[name], gt), "iou": iou(predicted[name], gt)} for name, gt in masks.items()}
+    per_image = {
+        name: {"dice": dice(predicted[name], gt), "iou": iou(predicted[name], gt)} for name, gt in masks.items()
+    }
     return {
         "dice_mean": float(np.mean([v["dice"] for v in per_image.values()])),
         "iou_mean": float(np.mean([v["iou"] for v in per_image.values()])),

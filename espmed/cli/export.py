@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model."""
         from ..export import export
+        from .progress import Stages
 
         options = {
             k: v
@@ -42,10 +43,11 @@ def register(app: typer.Typer) -> None:
             }.items()
             if v is not None
         }
-        result = export(
-            checkpoint, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
-            simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=True, **options,
-        )
+        with Stages() as stages:
+            result = export(
+                checkpoint, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
+                simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=stages, **options,
+            )
         size = result.size_bytes / 1e6
         others = f" (+ {', '.join(f.name for f in result.files[1:])})" if len(result.files) > 1 else ""
         typer.echo(f"artifact: {result.artifact}{others}  {size:.1f} MB  manifest: {result.manifest.name}")
