@@ -97,11 +97,11 @@ def test_checkpoint_errors(tmp_path, monkeypatch, state):
         asset_path()
 
 
-def test_initialised_student_is_the_teacher_on_the_4x_subsampled_image(teacher):
+def test_centre_taps_make_the_student_the_teacher_on_the_4x_subsampled_image(teacher):
     """Centre taps + stride 2 twice read every fourth pixel; neutral controllers add nothing: the
     student at 4T on an image equals the teacher at T on its [::4, ::4] subsampling."""
     model = _student(256)
-    init_from_litemedsam(model)
+    init_from_litemedsam(model, taps="centre")
     x = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         student = model.embed(x, "ct-lesion")
@@ -109,9 +109,33 @@ def test_initialised_student_is_the_teacher_on_the_4x_subsampled_image(teacher):
     torch.testing.assert_close(student, reference, rtol=0, atol=2e-5)
 
 
+def test_binomial_taps_follow_the_teachers_antialiased_input_on_real_nuclei(teacher):
+    """The default taps low-pass like the teacher's input resize: on the DSB-2018 image the
+    student's embedding is far closer to the teacher's than with centre taps (measured 0.97 / 0.90)."""
+    from espmed.data.reference import NUCLEI_DIR
+    from espmed.io import read_image
+    from espmed.train.distill import embedding_cosine, valid_grid
+
+    image = read_image(NUCLEI_DIR / "dsb2018_img2d.png").frames[0]
+    x, box = preprocess(image, 256, PREPROCESSING.mean, PREPROCESSING.std)
+    xt, _ = preprocess(image, 64, PREPROCESSING.mean, PREPROCESSING.std)
+    cosine = {}
+    with torch.no_grad():
+        target = teacher(torch.from_numpy(xt)[None])
+        for taps in ("centre", "binomial"):
+            model = _student(256)
+            init_from_litemedsam(model, taps=taps)
+            emb = model.embed(torch.from_numpy(x)[None], "microscopy")
+            cosine[taps] = float(embedding_cosine(emb, target, valid_grid(box, 16)[None]))
+    assert cosine["binomial"] > 0.95 and cosine["binomial"] > cosine["centre"] + 0.04, cosine
+    w = model.state_dict()["trunk.patch_embed.seq.0.c.weight"]
+    pointwise = read_litemedsam()["image_encoder.patch_embed.seq.0.c.weight"]
+    torch.testing.assert_close(w.sum(dim=(2, 3)), pointwise[:, :, 0, 0])  # the taps spread the 1x1 weight
+
+
 def test_init_report_and_what_it_sets(state):
     model = _student(64, shared_hypernetwork=False)
-    report = init_from_litemedsam(model)
+    report = init_from_litemedsam(model, taps="centre")
     full = ("trunk.patch_embed", "trunk.stages", "neck", "decoder.transformer", "decoder.output_upscaling",
             "decoder.hypernetworks", "decoder.queries", "decoder.pe_layer")
     for part in full:

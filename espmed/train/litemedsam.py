@@ -158,15 +158,28 @@ def load_litemedsam_encoder(path: str | Path | None = None) -> tuple[LiteMedSAME
 
 
 # -- initialisation --------------------------------------------------------------------------------
-def centre_tap(weight: torch.Tensor, kernel: int = 3) -> torch.Tensor:
-    """A 1x1 conv weight (O, I, 1, 1) as a k x k one that reads only its centre tap.
+#: How a 1x1 patch-embed weight becomes a 3x3 stride-2 one (see `spread_taps`).
+TAPS = ("binomial", "centre")
 
-    With stride 2 twice, the student's patch embed then reads the input at every fourth pixel: a
-    1024² image subsampled to about the 256² the teacher's 1x1 convs were trained on.
+
+def spread_taps(weight: torch.Tensor, taps: str) -> torch.Tensor:
+    """A 1x1 conv weight (O, I, 1, 1) as the 3x3 weight (O, I, 3, 3) of a stride-2 conv.
+
+    `centre`: only the centre tap; the two stride-2 convs then read every fourth pixel, so the
+    student at 4T computes exactly the teacher at T on the point-subsampled image, which aliases
+    fine structure (nuclei, 1024² MR, radiographs). `binomial`: the weight times [1, 2, 1]^T [1, 2, 1]
+    / 16; two such stride-2 low-passes compose to the width-4 triangle filter of the teacher's
+    input resize (PIL bilinear, antialiased, by 4), up to the GELU between the convs.
     """
-    out = weight.new_zeros(*weight.shape[:2], kernel, kernel)
-    out[:, :, kernel // 2, kernel // 2] = weight[:, :, 0, 0]
-    return out
+    if taps == "centre":
+        kernel = torch.zeros(3, 3, dtype=weight.dtype)
+        kernel[1, 1] = 1.0
+    elif taps == "binomial":
+        b = torch.tensor([1.0, 2.0, 1.0], dtype=weight.dtype)
+        kernel = b[:, None] * b[None] / 16
+    else:
+        raise ValueError(f"taps must be one of {', '.join(TAPS)}, got {taps!r}")
+    return weight[:, :, :1, :1] * kernel
 
 
 #: Parts of the model, by state_dict prefix, in the order the report lists them.
@@ -190,25 +203,29 @@ def _part(key: str) -> str:
 
 
 def init_from_litemedsam(
-    model: ESPMedSAM, path: str | Path | None = None, *, kv_logit_bias: float = NEUTRAL_KV_LOGIT_BIAS
+    model: ESPMedSAM,
+    path: str | Path | None = None,
+    *,
+    taps: str = "binomial",
+    kv_logit_bias: float = NEUTRAL_KV_LOGIT_BIAS,
 ) -> dict[str, dict[str, int]]:
     """Initialise `model` (the `esp-medsam` width, any modalities) from LiteMedSAM, in place.
 
-    trunk stages and neck <- encoder; patch-embed 1x1 convs -> centre taps of the 3x3 stride-2 convs
-    (BN copied); two-way transformer, output upscaling, hypernetwork MLP 0 (into every hypernetwork)
+    trunk stages and neck <- encoder; patch-embed 1x1 convs -> 3x3 stride-2 convs (`spread_taps`;
+    BN copied); two-way transformer, output upscaling, hypernetwork MLP 0 (into every hypernetwork)
     and mask token 0 (into every query) <- mask decoder; dense positional-encoding matrix <- prompt
     encoder. Controllers are made neutral (expert fc2 zero, K/V-token logit bias `kv_logit_bias`), so
     the embedding is LiteMedSAM's trunk's. SPPG stays as initialised. The model's preprocessing
     becomes `x / 255`.
 
     Returns per part {"values", "from_litemedsam", "neutral"} counts of state_dict values
-    (parameters and buffers; the centre-tap convs count whole).
+    (parameters and buffers; the 3x3 patch-embed convs count whole).
     """
     state = read_litemedsam(path)
     source = dict(state)
     for conv in ("seq.0", "seq.2"):
         key = f"image_encoder.patch_embed.{conv}.c.weight"
-        source[key] = centre_tap(state[key], model.trunk.patch_embed.seq[int(conv[-1])].c.kernel_size[0])
+        source[key] = spread_taps(state[key], taps)
     loaded = mapped_state(model, source, decoder=True, source_name=str(path or asset_path()))
     target = model.state_dict()
     # SAM's single-mask output (multimask off, as LiteMedSAM runs) is mask token 0 through MLP 0.
