@@ -11,6 +11,7 @@ SeriesInstanceUID, ordered along the slice normal (else by InstanceNumber).
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -296,11 +297,14 @@ def _describe(ds) -> dict:
 
 
 def derived_uid(*parts: str) -> str:
-    """A UID that is a function of `parts` (2.25 form from their SHA-512), so that the same
-    inputs always name the same derived instance and a resend is not a new one."""
-    from pydicom.uid import generate_uid
+    """A UID that is a function of `parts`, so that the same inputs always name the same derived
+    instance and a resend is not a new one: 2.25.<a name-based (SHA-1) UUID of the parts>
+    (PS3.5 B.2). pydicom's generate_uid ignores its entropy sources under the 2.25 root."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(str(p) for p in parts)).int}"
 
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+#: The UUID namespace of espmed's derived UIDs (itself a name-based UUID of the project name).
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "espmed:derived-uid")
 
 
 #: What highdicom raises for a source it cannot derive a SEG from.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from ..atomic import file_sha256
 from .segment import segment_series
@@ -48,12 +49,11 @@ class SeriesClock:
             return len(self._last)
 
 
-def model_hash(segmenter) -> str:
+def model_hash(artifact: Path) -> str:
     """What output UIDs derive from besides the sources: the artifact's manifest when it has one
     (it hashes every member file), else the artifact file itself."""
-    source = segmenter.source
-    manifest = source.with_name(source.name + ".manifest.json")
-    return file_sha256(manifest if manifest.is_file() else source)
+    manifest = artifact.with_name(artifact.name + ".manifest.json")
+    return file_sha256(manifest if manifest.is_file() else artifact)
 
 
 class Worker(threading.Thread):
@@ -63,7 +63,7 @@ class Worker(threading.Thread):
                  destinations: list, keep_seconds: float, stop: threading.Event) -> None:
         super().__init__(name="segment", daemon=True)
         self.segmenter = segmenter
-        self.hash = model_hash(segmenter)
+        self.hash = model_hash(segmenter.source)
         self.spool = spool
         self.clock = clock
         self.status = status
