@@ -24,6 +24,7 @@ from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 from .accuracy import Attempt, Gate
 from .calibration import CalibrationSet, load_calibration
 from .manifest import library_versions, publish, staging_dir
+from .triton_export import export_repository
 
 
 #: An export target is an exportable row of the runtimes' format table (name, suffix, backend,
@@ -119,11 +120,19 @@ def export(
     progress: Progress | None = None,
     **options,
 ) -> ExportResult:
-    """Export a checkpoint (path) or an ESPMedSAM model to `target`; see `TARGETS`."""
+    """Export a checkpoint (path) or an ESPMedSAM model to `target`; see `TARGETS`.
+
+    A wrapping target (`_WRAPPERS`: triton) also takes an exported artifact as `checkpoint_or_model`.
+    """
     from .graph import ExportGraph, GraphSegmenter, choose_modality
 
     tgt = get_target(target)
     check_options(tgt, options)
+    if tgt.backend in _WRAPPERS:
+        return _WRAPPERS[tgt.backend](
+            checkpoint_or_model, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
+            simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=progress, **options,
+        )
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
     if dynamic and batch != 1:
@@ -364,3 +373,7 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
 
 
 _BUILDERS = {"onnxruntime": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt}
+
+
+#: Targets that wrap an exported artifact (a checkpoint is exported to ONNX first), by backend.
+_WRAPPERS = {"triton": export_repository}

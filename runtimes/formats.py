@@ -17,6 +17,8 @@ from pathlib import Path
 
 from espmed.errors import ArtifactError, EspmedError
 
+from .triton_repository import MANIFEST as TRITON_MANIFEST
+
 #: How a format's artifact is found: a checkpoint file (the torch reference), an artifact file, a
 #: folder holding `marker`, or a remote model addressed as `scheme://...`.
 KINDS = ("checkpoint", "file", "folder", "remote")
@@ -28,13 +30,13 @@ class Format:
 
     name: str
     label: str
-    backend: str  # the runtime: torch | onnxruntime | openvino | tensorrt
+    backend: str  # the runtime: torch | onnxruntime | openvino | tensorrt | triton
     module: str  # the Python package the backend needs
     precision: str
     kind: str = "file"
     suffixes: tuple[str, ...] = ()  # checkpoint/file: name endings; export writes the first
     marker: str | None = None  # folder: the file inside that makes the folder this format's artifact
-    scheme: str | None = None  # remote: the URL scheme
+    scheme: str | None = None  # remote, or a folder served remotely: the URL scheme its models are loaded by
     options: tuple[str, ...] = ()  # export options the target accepts
     needs_gpu: bool = False
     runtime_precision: str | None = None  # asked of the backend when run (OpenVINO's precision hint)
@@ -104,6 +106,13 @@ FORMATS: tuple[Format, ...] = (
     _tensorrt("trt-fp32", "fp32", "TensorRT FP32"),
     _tensorrt("trt-fp16", "fp16", "TensorRT FP16"),
     _tensorrt("trt-int8", "int8", "TensorRT INT8"),
+    # Model repositories around an exported artifact (precision: the artifact's), run by a Triton
+    # server and loaded as triton://HOST:PORT/MODEL.
+    Format(
+        name="triton", label="Triton server (dynamic batching)", backend="triton", module="tritonclient",
+        precision="fp32", kind="folder", marker=TRITON_MANIFEST, scheme="triton",
+        options=("triton_max_batch", "instances"),
+    ),
 )
 
 
@@ -130,11 +139,11 @@ def artifact_suffixes() -> list[str]:
 
 
 def format_for_url(text: str) -> Format | None:
-    """The remote row whose scheme `text` starts with (`scheme://...`), or None."""
+    """The row whose scheme `text` starts with (`scheme://...`), or None."""
     scheme, sep, _ = text.partition("://")
     if not sep:
         return None
-    return next((f for f in FORMATS if f.kind == "remote" and f.scheme == scheme.lower()), None)
+    return next((f for f in FORMATS if f.scheme is not None and f.scheme == scheme.lower()), None)
 
 
 def folder_format(path: Path) -> Format | None:

@@ -48,7 +48,8 @@ def load(
     modality: str | int | None = None,
     image_size: int | None = None,
 ) -> Segmenter:
-    """Load an exported artifact (or a checkpoint, as the torch reference) ready to `predict`.
+    """Load an exported artifact (or a checkpoint, as the torch reference; or `triton://HOST:PORT/MODEL`,
+    a model served by Triton) ready to `predict`.
 
     device: "CPU" (default), "GPU"/"CUDA", "TensorRT" (ONNX Runtime provider) or "AUTO" (OpenVINO,
         ONNX Runtime); ignored by the torch reference, which runs on CPU.
@@ -78,6 +79,10 @@ def load(
         from .openvino_ir import OpenVinoSegmenter
 
         segmenter = OpenVinoSegmenter(path, device=device, threads=threads, precision=precision, cache_dir=cache_dir)
+    elif backend == "triton":
+        from .triton_remote import TritonSegmenter
+
+        segmenter = TritonSegmenter(path)
     else:
         from .tensorrt_engine import TensorRtSegmenter
 

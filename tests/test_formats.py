@@ -1,5 +1,5 @@
-"""The one table of formats: what loader, exporter, CLI help and bench read from it, rows still to
-come (folders, remote URLs) resolving without loader changes, and runtimes never importing export."""
+"""The one table of formats: what loader, exporter, CLI help and bench read from it, the folder row
+(Triton repositories) and its triton:// URLs resolving, and runtimes never importing export."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from espmed.errors import ArtifactError, EspmedError
-from espmed.runtimes import formats
-from espmed.runtimes.formats import FORMATS, KINDS, Format, exportable, format_for_path, format_named
+from espmed.runtimes.formats import FORMATS, KINDS, exportable, format_for_path, format_named
 from espmed.runtimes.loader import locate
 
 from .runtime_artifacts import build_artifacts
@@ -42,10 +41,11 @@ def test_every_row_is_well_formed():
 
 def test_the_exporter_reads_its_targets_from_the_table_and_builds_each_backend():
     from espmed.export import TARGETS
-    from espmed.export.targets import _BUILDERS
+    from espmed.export.targets import _BUILDERS, _WRAPPERS
 
     assert list(TARGETS.values()) == exportable()
-    assert {f.backend for f in exportable()} == set(_BUILDERS)
+    assert {f.backend for f in exportable()} == set(_BUILDERS) | set(_WRAPPERS)
+    assert not set(_BUILDERS) & set(_WRAPPERS)
 
 
 def test_artifact_files_map_to_their_backend():
@@ -72,26 +72,19 @@ def test_cli_help_and_bench_rows_come_from_the_table():
     assert record["label"] == "OpenVINO FP32 IR, BF16 runtime precision" and record["export_target"] == "openvino"
 
 
-def test_folder_and_remote_rows_resolve_without_loader_changes(monkeypatch, tmp_path):
-    """Rows of kinds still to come (a Triton model repository, a `triton://` URL) added to the table."""
-    folder = Format(
-        name="triton", label="Triton model repository", backend="triton", module="tritonclient", precision="fp32",
-        kind="folder", marker="config.pbtxt",
-    )
-    remote = Format(
-        name="triton-grpc", label="Triton server (gRPC)", backend="triton", module="tritonclient", precision="fp32",
-        kind="remote", scheme="triton", artifact_of="triton",
-    )
-    monkeypatch.setattr(formats, "FORMATS", (*FORMATS, folder, remote))
+def test_the_triton_row_resolves_export_folders_and_urls(tmp_path):
+    """The folder row (an export of Triton repositories, by its manifest) served as triton:// URLs."""
+    triton = format_named("triton")
+    assert (triton.kind, triton.scheme, triton.backend) == ("folder", "triton", "triton") and triton.exportable
+    assert exportable()[-1] == triton
     repo = tmp_path / "repo"
-    (repo / "1").mkdir(parents=True)
-    (repo / "config.pbtxt").write_text('name: "espmed"')
-    assert locate(repo) == (folder, repo)
-    assert locate("triton://localhost:8001/espmed") == (remote, "triton://localhost:8001/espmed")
+    (repo / "python").mkdir(parents=True)
+    (repo / triton.marker).write_text("{}")
+    assert locate(repo) == (triton, repo)
+    assert locate("triton://localhost:8001/espmed") == (triton, "triton://localhost:8001/espmed")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "m.onnx").write_bytes(b"x")
     assert locate(tmp_path / "plain") == (format_named("onnx"), tmp_path / "plain" / "m.onnx")
-    assert exportable()[-1] == folder
     with pytest.raises(ArtifactError, match="no such artifact"):
         locate("http://localhost/espmed")  # no row has that scheme: a path like any other
 

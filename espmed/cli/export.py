@@ -15,7 +15,8 @@ _TARGET_NAMES = ", ".join(f.name for f in exportable())
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
-        checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Release .pth or native .safetensors checkpoint."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors checkpoint."),
+        source: Optional[Path] = typer.Option(None, "--from", help="triton only: an exported .onnx, .xml or .engine to serve (instead of --checkpoint)."),
         target: str = typer.Option(..., "--target", "-t", help=f"One of: {_TARGET_NAMES}."),
         modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to bake in (default: the model's only one)."),
         imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32; default: the checkpoint's)."),
@@ -30,25 +31,47 @@ def register(app: typer.Typer) -> None:
         workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="TensorRT only: workspace limit (default: chosen by TensorRT)."),
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT only: timing cache file to reuse and update."),
         max_batch: Optional[int] = typer.Option(None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine (default 8)."),
+        triton_max_batch: Optional[int] = typer.Option(None, "--triton-max-batch", help="triton only: max_batch_size of the dynamic batcher (default 8)."),
+        instances: Optional[int] = typer.Option(None, "--instances", help="triton only: model instances per server (default 1)."),
     ) -> None:
-        """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model."""
+        """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model; or
+        wrap one (--from) in Triton model repositories (--target triton)."""
+        from ..errors import EspmedError
         from ..export import export
         from .progress import Stages
+
+        if (checkpoint is None) == (source is None):
+            raise EspmedError("give --checkpoint, or --from ARTIFACT for --target triton")
+        if source is not None and target != "triton":
+            raise EspmedError("--from wraps an exported artifact for --target triton; other targets take --checkpoint")
 
         options = {
             k: v
             for k, v in {
                 "runtime_precision": runtime_precision, "workspace_mb": workspace_mb,
                 "timing_cache": timing_cache, "max_batch": max_batch,
+                "triton_max_batch": triton_max_batch, "instances": instances,
             }.items()
             if v is not None
         }
         with Stages() as stages:
             result = export(
-                checkpoint, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
+                checkpoint or source, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
                 simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=stages, **options,
             )
         size = result.size_bytes / 1e6
+        if result.artifact.is_dir():  # a Triton export: a folder of model repositories
+            _print_triton(result, size)
+            return
         others = f" (+ {', '.join(f.name for f in result.files[1:])})" if len(result.files) > 1 else ""
         typer.echo(f"artifact: {result.artifact}{others}  {size:.1f} MB  manifest: {result.manifest.name}")
         typer.echo(f"run it:   espmed predict IMAGE --model {result.artifact} --out out/")
+
+
+def _print_triton(result, size_mb: float) -> None:
+    import json
+
+    model = json.loads(result.manifest.read_text(encoding="utf-8"))["triton"]["model"]
+    typer.echo(f"repositories: {result.artifact}  {len(result.files)} files, {size_mb:.1f} MB  manifest: {result.manifest.name}")
+    typer.echo(f"serve it:     python -m espmed.runtimes.triton_server {result.artifact}   (CPU, loopback, port 8001)")
+    typer.echo(f"run it:       espmed predict IMAGE --model triton://127.0.0.1:8001/{model} --out out/")

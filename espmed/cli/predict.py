@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def predict(
         inputs: List[Path] = typer.Argument(..., help="Image files, folders (walked recursively) or DICOM series folders."),
-        model: Path = typer.Option(..., "--model", "-m", help="Artifact (.onnx, .xml, .engine) or checkpoint (.safetensors, .pth)."),
+        model: str = typer.Option(..., "--model", "-m", help="Artifact (.onnx, .xml, .engine), checkpoint (.safetensors, .pth) or triton://HOST:PORT/MODEL."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
         fmt: str = typer.Option("auto", "--format", "-f", help="png | nifti | dicom-seg | auto (png for images, nifti for NIfTI, dicom-seg for DICOM)."),
         overlay: bool = typer.Option(False, "--overlay", help="Also write the mask contour over each image as PNG."),
