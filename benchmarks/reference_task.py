@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from espmed import __version__
-    from espmed.atomic import write_text
+    from espmed.atomic import file_sha256, write_text
     from espmed.data import load_samples, train_items
     from espmed.model import load_checkpoint
-    from espmed.atomic import file_sha256
     from espmed.model.summary import count_flops
     from espmed.train import evaluate, load_config, train
 

@@ -8,9 +8,9 @@ timings) lives here so that every backend behaves identically. Torch-free.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -54,7 +54,7 @@ class ArtifactMetadata:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str = "artifact") -> "ArtifactMetadata":
+    def from_json(cls, text: str | bytes, source: str = "artifact") -> ArtifactMetadata:
         try:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:

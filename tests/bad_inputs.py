@@ -21,13 +21,20 @@ import json
 import pickle
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError, CheckpointError, EspmedError, ImageReadError, ModalityError
+from espmed.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    CheckpointError,
+    EspmedError,
+    ImageReadError,
+    ModalityError,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "espmed" / "assets" / "samples"
 SAMPLE_PNG = SAMPLES / "ct_small.png"

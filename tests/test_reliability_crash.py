@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from .runtime_artifacts import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -11,12 +10,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        release: List[str] = typer.Option(
+        release: list[str] = typer.Option(
             ..., "--release", "-r",
             help="MODALITY=FILE.pth (repeat to merge one controller per modality), or FILE.pth alone.",
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Native checkpoint to write (.safetensors)."),
-        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size to record (default 1024)."),
+        imgsz: int | None = typer.Option(None, "--imgsz", help="Input size to record (default 1024)."),
     ) -> None:
         """Convert the authors' release checkpoint(s) to espmed's native format."""
         from ..errors import CheckpointError

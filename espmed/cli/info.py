@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def model_info(checkpoint: Path | None = None, preset: str = "esp-medsam", image_size: int | None = None) -> dict:
     """Parameters per part, GFLOPs, modalities, input size and preprocessing, as a dict."""
-    from ..model import ESPMedSAM, get_preset, load_checkpoint
     from ..atomic import file_sha256
+    from ..model import ESPMedSAM, get_preset, load_checkpoint
     from ..model.summary import count_flops, parameter_table
 
     if checkpoint is not None:
@@ -38,9 +37,9 @@ def model_info(checkpoint: Path | None = None, preset: str = "esp-medsam", image
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors."),
+        checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors."),
         preset: str = typer.Option("esp-medsam", help="Preset to describe when no checkpoint is given."),
-        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32)."),
+        imgsz: int | None = typer.Option(None, "--imgsz", help="Input size (multiple of 32)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Parameters per part, GFLOPs, modalities, input size and preprocessing of a model."""

@@ -8,8 +8,8 @@ seed, so a resumed run, a DataLoader worker and every DDP rank reproduce the sam
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -14,8 +14,9 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import EspmedError
 from . import reference, sources

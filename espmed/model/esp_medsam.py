@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,7 @@ class ESPMedSAM(nn.Module):
         return SegmentationOutput(masks, patch_logits, embeddings, lowres)
 
     # -- structure ---------------------------------------------------------------------------
-    def specialize(self, modality: int | str) -> "ESPMedSAM":
+    def specialize(self, modality: int | str) -> ESPMedSAM:
         """A copy that keeps only `modality`'s controller: what an exported graph bakes in."""
         cfg = self.config
         idx = cfg.modality_index(modality)

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from ..errors import EspmedError, first_line
 
@@ -94,11 +96,8 @@ class RunConfig:
     data: Mapping[str, list[dict]] = field(default_factory=dict)
     base_dir: Path = Path(".")  # folder of the config file: relative dataset paths start here
 
-    def with_train(self, **changes) -> "RunConfig":
+    def with_train(self, **changes) -> RunConfig:
         return dataclasses.replace(self, train=_build(TrainSettings, {**dataclasses.asdict(self.train), **changes}, "train"))
-
-    def with_distill(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, distill=_build(DistillSettings, {**dataclasses.asdict(self.distill), **changes}, "distill"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
