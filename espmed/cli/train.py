@@ -117,7 +117,7 @@ def distill(
     ),
     teacher: str | None = typer.Option(
         None, "--teacher",
-        help="litemedsam | sam (default: [distill] teacher, litemedsam).",
+        help="litemedsam | sam (default: distill.teacher of the config, else litemedsam).",
     ),
     teacher_checkpoint: Path | None = typer.Option(
         None, "--teacher-checkpoint",
