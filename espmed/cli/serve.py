@@ -94,8 +94,10 @@ def register(app: typer.Typer) -> None:
         if model is None:
             raise EspmedError("--model is required (or --status to read a node's status)")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        for noisy in ("pynetdicom", "highdicom"):  # their per-association and per-attribute notes
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # pynetdicom's per-association notes and errors, highdicom's per-attribute notes: the node
+        # logs one line per event itself.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
         limits = Limits(
             instance_bytes=int(max_instance_gib * GIB), series_bytes=int(max_series_gib * GIB),
             spool_bytes=int(max_spool_gib * GIB), min_free_bytes=int(min_free_gib * GIB),

@@ -115,4 +115,6 @@ class Sender(threading.Thread):
         self.spool.record_try(item, tries)
         delay = self.retry.delay(tries)
         self._not_before[item.name] = time.monotonic() + delay
-        self.status.error(f"send {item.stem} to {self.destination} failed ({why}); try {tries + 1} in {delay:.0f} s")
+        message = f"send {item.stem} to {self.destination} failed ({why}); try {tries + 1} in {delay:.1f} s"
+        self.status.error(message)
+        log.warning(message)
