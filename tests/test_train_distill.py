@@ -269,3 +269,16 @@ modality = "microscopy"
     for args, message in errors:
         r = cli("distill", "--config", str(cfg), "--out-dir", str(out), *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_preprocessing_table_in_a_run_config():
+    """A LiteMedSAM-initialised model takes x / 255; a config that trains it further says so."""
+    from espmed.train import ConfigError, build_model, parse_config
+
+    raw = {"model": {"preset": "esp-medsam-tiny", "image_size": 64,
+                     "preprocessing": {"mean": [0, 0, 0], "std": [255, 255, 255]}}}
+    model = build_model(parse_config(raw))
+    assert model.config.preprocessing.mean == (0, 0, 0) and model.config.preprocessing.std == (255, 255, 255)
+    raw["model"]["preprocessing"] = {"mean": [0, 0, 0]}
+    with pytest.raises(ConfigError, match=r"\[model.preprocessing\]"):
+        parse_config(raw)
