@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from espmed.runtimes.preprocess import preprocess
 
 from espmed.data.reference import mni152_slices, nuclei_samples
 from espmed.errors import CheckpointError
 from espmed.model import ESPMedSAM, get_preset
+from espmed.runtimes.preprocess import preprocess
 from espmed.train.distill import distill, distill_autocast_dtype, embedding_loss, valid_grid
 from espmed.train.mobilesam import load_mobilesam_into
 from espmed.train.teacher import (
