@@ -60,8 +60,9 @@ def images() -> list[tuple[str, str, object]]:
 def minmax_input(image, size: int):
     """MedSAM's scripts: resize (longest side), min-max the resized image to [0, 1], zero-pad."""
     import numpy as np
-    from espmed.runtimes.preprocess import resized_shape, to_rgb_uint8
     from PIL import Image
+
+    from espmed.runtimes.preprocess import resized_shape, to_rgb_uint8
 
     rgb = to_rgb_uint8(image)
     rh, rw = resized_shape(*rgb.shape[:2], size)
@@ -128,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    from espmed.runtimes.preprocess import preprocess
 
     from espmed import __version__
     from espmed.atomic import write_text
     from espmed.benchmark.machine import cpu_info
     from espmed.model import ESPMedSAM, get_preset
+    from espmed.runtimes.preprocess import preprocess
     from espmed.train.distill import embedding_cosine, valid_grid
     from espmed.train.litemedsam import PREPROCESSING, asset_path, init_from_litemedsam, load_litemedsam_encoder
 

@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from espmed.runtimes.preprocess import preprocess
 
 from espmed.errors import BackendUnavailableError, CheckpointError
 from espmed.model import ESPMedSAM, get_preset
+from espmed.runtimes.preprocess import preprocess
 from espmed.train.litemedsam import (
     PREPROCESSING,
     LiteMedSAMEncoder,
