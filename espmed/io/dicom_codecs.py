@@ -2,7 +2,7 @@
 
 pydicom picks a decoder per transfer syntax from what is installed:
 - JPEG baseline, JPEG lossless (process 14, SV1), JPEG-LS, JPEG 2000: python-gdcm (GDCM, BSD-3;
-  the wheel Apache-2.0), also pyjpegls (CharLS, BSD-3 / MIT) for JPEG-LS and Pillow (HPND) for
+  the wheel Apache-2.0), also pyjpegls (CharLS, BSD-3 / MIT) for JPEG-LS and Pillow (MIT-CMU) for
   JPEG baseline / JPEG 2000;
 - JPEG 2000 and HTJ2K: pylibjpeg + pylibjpeg-openjpeg (OpenJPEG, BSD-2 / MIT);
 - RLE lossless: pydicom's own decoder and pylibjpeg-rle (MIT).
