@@ -7,8 +7,10 @@ a delivered SEG, re-deliveries carry the same UIDs, and no instance is delivered
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -248,6 +250,12 @@ def test_spool_limit_refuses_and_keeps_what_was_acknowledged(model, tmp_path, re
     account("spool limit reached", receiver, 5, {str(instances[0].SeriesInstanceUID): acked})
     assert "spool would exceed" in " ".join(e["error"] for e in node.status()["last_errors"])
     node.stop()
+    proc = subprocess.run([sys.executable, "-c", "from espmed.cli import run; run()", "serve", "--status",
+                           "--spool", str(node.spool)], capture_output=True, text=True, timeout=60)
+    report = json.loads(proc.stdout)
+    assert report["state"] == "stopped" and report["running"] is False
+    assert report["counts"]["instances_refused"] == 3 and report["counts"]["sent"] == 1
+    assert report["queue"]["outbox"] == {f"DEST_127.0.0.1_{receiver.port}": 0}
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed: no test certificate")

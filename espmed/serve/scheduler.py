@@ -86,13 +86,25 @@ class Worker(threading.Thread):
                 if self.stop.is_set():
                     break
                 if self.spool.pending(uid):
-                    self.process(uid)
+                    self._process_guarded(uid)
             if time.monotonic() - self._expired_at > EXPIRE_EVERY:
                 self._expired_at = time.monotonic()
                 self.spool.expire(self.keep_seconds)
             self.status.waiting = len(self.clock)
             self.status.write(self.spool.counts(), force=False)
             self.stop.wait(0.1)
+
+    def _process_guarded(self, series_uid: str) -> None:
+        """`process`, where an unexpected error (a full disk while queueing, a library bug) leaves
+        the series pending and retries it a timeout later instead of stopping the worker."""
+        try:
+            self.process(series_uid)
+        except Exception as exc:  # noqa: BLE001 - the node must keep serving the other series
+            message = f"series {series_uid}: unexpected {type(exc).__name__}: {exc}; retried in {self.clock.timeout} s"
+            log.exception(message)
+            self.status.error(message)
+            self.status.segmenting = None
+            self.clock.touch(series_uid)
 
     def process(self, series_uid: str) -> None:
         paths = self.spool.instances(series_uid)

@@ -56,7 +56,13 @@ class Sender(threading.Thread):
             ready = [p for p in self.spool.outbox(self.destination.key)
                      if self._not_before.get(p.name, 0.0) <= time.monotonic()]
             if ready:
-                self._send(ready)
+                try:
+                    self._send(ready)
+                except Exception as exc:  # noqa: BLE001 - keep the outbox moving; the items stay queued
+                    message = f"sending to {self.destination}: unexpected {type(exc).__name__}: {exc}"
+                    log.exception(message)
+                    self.status.error(message)
+                    self.stop.wait(self.retry.base)
             self.wake.wait(0.5)
             self.wake.clear()
 
