@@ -271,7 +271,8 @@ def test_tls_with_client_certificates(model, tmp_path):
     make("server")
     make("client")
     node = Node(model, tmp_path / "spool", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
-                str(tmp_path / "server.key"), "--tls-ca", str(tmp_path / "client.pem")).start()
+                str(tmp_path / "server.key"), "--tls-ca", str(tmp_path / "client.pem"),
+                "--series-timeout", "0.5").start()
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp_path / "server.pem"))
     client.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
     assert echo(node.port, tls=(client, "127.0.0.1"))
@@ -279,4 +280,13 @@ def test_tls_with_client_certificates(model, tmp_path):
     assert not echo(node.port, tls=(anonymous, "127.0.0.1"))  # no client certificate
     assert not echo(node.port)  # plain DICOM on a TLS port
     assert node.status()["tls"] is True
+    instances = series(2)
+    assert send(instances, node.port, tls=(client, "127.0.0.1")) == [0, 0]
+    results = node.spool / "results" / str(instances[0].SeriesInstanceUID)  # no destination: kept here
+    seg = wait_for(lambda: sorted(results.glob("*.dcm")), DELIVERY, "the SEG in results/")
+    import pydicom
+
+    refs = {r.ReferencedSOPInstanceUID for s in pydicom.dcmread(seg[0]).ReferencedSeriesSequence
+            for r in s.ReferencedInstanceSequence}
+    assert refs == {str(ds.SOPInstanceUID) for ds in instances}
     node.stop()
