@@ -111,7 +111,7 @@ class Node:
         self.proc: subprocess.Popen | None = None
         self.logs: list[Path] = []
 
-    def start(self, *extra: str, ready_as: str = "SCANNER") -> Node:
+    def start(self, *extra: str) -> Node:
         log = self.spool.with_name(f"{self.spool.name}-{len(self.logs)}.log")
         self.logs.append(log)
         cmd = [sys.executable, "-c", "from espmed.cli import run; run()", "serve", "--model", str(self.model),
