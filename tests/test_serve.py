@@ -199,6 +199,11 @@ def test_concurrent_senders_allowlist_malformed_and_late_instance(model, tmp_pat
     assert echo(node.port, calling="MODALITY1")
     assert send(series(1), node.port, calling="INTRUDER") is None  # rejected at association
     assert not echo(node.port, calling="INTRUDER")
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    rtdose = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    assert send([rtdose], node.port, calling="MODALITY1") is None  # RT Dose: no context accepted
 
     work = {name: [series(3, "CT_small.dcm" if i % 2 else "MR_small.dcm") for i in range(5)] for name in senders}
     results: dict[str, list] = {}
