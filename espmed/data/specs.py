@@ -6,6 +6,9 @@
     {kind = "volume", image = "t1.nii.gz", mask = "brain.nii.gz", axis = 2, modality = "brain-mri"}
     {kind = "mni152", split = "train", modality = "brain-mri"}        # reference data (nilearn)
     {kind = "dsb2018-nuclei", split = "test", modality = "microscopy"} # reference data (committed)
+    {kind = "pyradiomics", root = "data/pyradiomics", volume = "lung1", modality = "ct-lesion"}
+    {kind = "stardist-nuclei", split = "test", modality = "microscopy"} # installed stardist wheel
+    {kind = "unlabelled", source = "skimage:retina", modality = "fundus"} # distillation only
 
 Common keys: `domain` ("seen"/"unseen", for evaluation summaries), `repeat` (items per sample per
 epoch, to balance datasets), `crop` ([min, max] random square crop side), `augment` (bool).
@@ -19,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EspmedError
-from . import reference, sources
+from . import real, reference, sources
 from .dataset import TrainItem
 from .sources import Sample
 
-KINDS = ("folder", "release", "csv", "volume", "mni152", "dsb2018-nuclei")
+KINDS = (
+    "folder", "release", "csv", "volume", "mni152", "dsb2018-nuclei", "pyradiomics", "stardist-nuclei", "unlabelled",
+)
 _COMMON = {"kind", "modality", "domain", "repeat", "crop", "augment"}
 _KEYS = {
     "folder": {"images", "masks"},
@@ -32,6 +37,9 @@ _KEYS = {
     "volume": {"image", "mask", "axis", "slices", "min_foreground"},
     "mni152": {"split"},
     "dsb2018-nuclei": {"split"},
+    "pyradiomics": {"root", "volume"},
+    "stardist-nuclei": {"split"},
+    "unlabelled": {"source"},
 }
 
 
@@ -76,6 +84,12 @@ def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample
         )
     elif kind == "mni152":
         samples = reference.mni152_slices(need("split"), modality)
+    elif kind == "pyradiomics":
+        samples = real.pyradiomics_volume(path("root"), need("volume"), modality, domain)
+    elif kind == "stardist-nuclei":
+        samples = real.stardist_nuclei(need("split"), modality, domain)
+    elif kind == "unlabelled":
+        samples = real.unlabelled(need("source"), modality)
     else:
         samples = reference.nuclei_samples(need("split"), modality)
     if spec.get("domain") and kind in ("mni152", "dsb2018-nuclei"):
@@ -87,6 +101,8 @@ def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample
 
 def train_items(spec: Mapping[str, Any], base: Path = Path(".")) -> list[TrainItem]:
     """Training items of a dataset table: each sample `repeat` times, with its crop/augment settings."""
+    if spec.get("kind") == "unlabelled":
+        raise DatasetSpecError("an unlabelled dataset has no masks: use it for distillation, not segmentation training")
     repeat = int(spec.get("repeat", 1))
     if repeat < 1:
         raise DatasetSpecError(f"{spec.get('kind')} dataset: repeat must be >= 1")
