@@ -1,0 +1,334 @@
+"""The real 1024² ESP-MedSAM: LiteMedSAM initialisation, MMDKD stages 1-3 on real data, shipping.
+
+    bash benchmarks/real_model/fetch_data.sh               # once: weights and data (install time)
+    nice python benchmarks/real_model/make_model.py all    # every stage below, in order
+    nice python benchmarks/real_model/make_model.py STAGE  # one stage, from the previous one's output
+
+Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real_model/results/):
+  init     `init_from_litemedsam` (binomial taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
+           so the decoder starts from LiteMedSAM's prompt-free state; held-out cosine at 1024².
+  stage1   shared trunk + neck distilled at 512² (teacher 128²) on every `configs/real-distill.toml`
+           [[data.train]] image, then `--finish-epochs` at 1024² (teacher 256²); images of modalities
+           the model ships no controller for pass through a neutral controller (controller 0).
+  stage2   K/V logit bias -30 -> -6 (at -30 its gradients are ~1e-17), then each shipped controller
+           distilled on its own modality's images, trunk frozen.
+  stage3   segmentation (`configs/real-segment.toml`: controllers, SPPG, decoder; trunk and neck frozen,
+           BatchNorm statistics frozen too) on real masks at 512².
+  eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
+           and per volume (pooled over its slices), plus the held-out teacher cosine.
+  ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), measured again
+           from the stored file, and its model card.
+
+The cosine: student at 1024² vs LiteMedSAM at 256², per-position over the unpadded 64x64 grid, mean
+per image, then per modality (`espmed.train.distill.embedding_cosine`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = REPO / "runs" / "real"
+RESULTS = REPO / "benchmarks" / "real_model" / "results"
+DISTILL_CONFIG = REPO / "configs" / "real-distill.toml"
+SEGMENT_CONFIG = REPO / "configs" / "real-segment.toml"
+STAGES = ("init", "stage1", "stage2", "stage3", "eval", "ship")
+#: The K/V logit bias stage 2 starts from (see the module docstring).
+STAGE2_KV_BIAS = -6.0
+EVAL_SIZE = 1024
+
+
+def _checkpoint(stage: str) -> Path:
+    return RUNS / stage / "model.safetensors"
+
+
+def _samples(cfg, split: str):
+    from espmed.data import load_samples
+
+    return [s for spec in cfg.data[split] for s in load_samples(spec, cfg.base_dir)]
+
+
+def _routed(samples, modalities):
+    """Samples of modalities without a controller in the model, relabelled to the first one (neutral in
+    stage 1, so only the shared trunk learns from them)."""
+    return [s if s.modality in modalities else dataclasses.replace(s, modality=modalities[0]) for s in samples]
+
+
+def _teacher(size: int):
+    from espmed.train.teacher import load_teacher
+
+    return load_teacher("litemedsam", None, student_size=size, cache_dir=RUNS / "teacher-cache")
+
+
+def held_out_cosine(model, samples, *, neutral_for_unshipped: bool) -> dict:
+    """Per-image and per-modality cosine at 1024² vs the teacher at 256² on held-out images."""
+    import numpy as np
+    import torch
+
+    from espmed.runtimes.preprocess import preprocess
+    from espmed.train.distill import embedding_cosine, valid_grid
+
+    teacher, cfg = _teacher(EVAL_SIZE), model.config
+    rows = []
+    model.eval()
+    for s in samples:
+        shipped = s.modality in cfg.modalities
+        if not shipped and not neutral_for_unshipped:
+            continue
+        x, box = preprocess(s.image, EVAL_SIZE, cfg.preprocessing.mean, cfg.preprocessing.std)
+        with torch.no_grad():
+            student = model.embed(torch.from_numpy(x)[None], s.modality if shipped else 0)
+        target = teacher(s.image)[None]
+        valid = valid_grid(box, student.shape[-1])[None]
+        rows.append({"modality": s.modality, "image": s.name,
+                     "cosine": round(float(embedding_cosine(student, target, valid)), 4)})
+    per = {m: round(float(np.mean([r["cosine"] for r in rows if r["modality"] == m])), 4)
+           for m in dict.fromkeys(r["modality"] for r in rows)}
+    return {"per_modality": per, "images": rows}
+
+
+def _neutral_copy(model):
+    """The model with every controller neutral again (K/V bias -30, expert fc2 0): how the shared trunk
+    alone embeds an image of a modality that ships no controller."""
+    import copy
+
+    from espmed.train.litemedsam import NEUTRAL_KV_LOGIT_BIAS
+
+    neutral = copy.deepcopy(model)
+    for bank in neutral.controller_banks():
+        for slot in bank.slots:
+            slot.expert.fc2.weight.data.zero_()
+            slot.expert.fc2.bias.data.zero_()
+            slot.kv_logit_bias.data.fill_(NEUTRAL_KV_LOGIT_BIAS)
+    return neutral
+
+
+def _write(name: str, result: dict) -> None:
+    from espmed.atomic import write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("images", "history")}, indent=2), flush=True)
+
+
+def _keep_log(stage: str) -> None:
+    log = RUNS / stage / "metrics.jsonl"
+    if log.is_file():
+        shutil.copyfile(log, RESULTS / f"{stage}.metrics.jsonl")
+
+
+def _machine(threads: int) -> dict:
+    import platform
+
+    import torch
+
+    from espmed.benchmark.machine import cpu_info
+
+    info = cpu_info()
+    return {"where": "CPU (no GPU lent to this session)", "cpu": info["model"], "bf16": info["bf16"],
+            "threads": threads, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# -- stages ------------------------------------------------------------------------------------
+def stage_init(args) -> None:
+    import torch
+
+    from espmed.model import save_checkpoint
+    from espmed.train import build_model, load_config
+    from espmed.train.litemedsam import init_from_litemedsam
+
+    cfg = load_config(DISTILL_CONFIG)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    report = init_from_litemedsam(model)
+    ln = model.sppg.prompt_embed[1]
+    with torch.no_grad():  # dense prompt GELU(0) = 0 until stage 3 trains SPPG
+        ln.weight.zero_()
+        ln.bias.zero_()
+    save_checkpoint(model, _checkpoint("init"), {"espmed.real.stage": "init"})
+    cosine = held_out_cosine(model, _samples(cfg, "test"), neutral_for_unshipped=True)
+    _write("init", {"stage": "init", "init": report, "cosine": cosine, "machine": _machine(args.threads)})
+
+
+def stage_distill(args, stage: str) -> None:
+    from espmed.model import load_checkpoint, save_checkpoint
+    from espmed.train import load_config
+    from espmed.train.distill import distill
+
+    cfg = load_config(DISTILL_CONFIG)
+    d = cfg.distill
+    previous = "init" if stage == "stage1" else "stage1"
+    model = load_checkpoint(_checkpoint(previous))
+    mods = model.config.modalities
+    train = _samples(cfg, "train")
+    fit = dict(batch_size=args.batch_size, lr=d.lr, gamma=d.gamma, cosine_weight=d.cosine_weight,
+               amp=cfg.train.amp, seed=cfg.train.seed, show_progress=False)
+    runs, started = [], time.monotonic()
+    if stage == "stage1":
+        plan = [(cfg.model.image_size, args.epochs or d.stage1_epochs, "512")]
+        if args.finish_epochs:
+            plan.append((EVAL_SIZE, args.finish_epochs, "1024"))
+        for size, epochs, tag in plan:
+            model.config = model.config.with_(image_size=size)
+            t0 = time.monotonic()
+            result = distill(model, _routed(train, mods), stage1_teacher=_teacher(size), stage1_epochs=epochs,
+                             out_dir=RUNS / stage / tag, **fit)
+            runs.append({"image_size": size, "epochs": epochs, "images": len(train),
+                         "seconds": round(time.monotonic() - t0, 1), "loss": result["stage1"],
+                         "cosine_train": result["stage1_cosine"],
+                         "steps": epochs * (len(train) // args.batch_size)})
+            shutil.copyfile(RUNS / stage / tag / "metrics.jsonl", RESULTS / f"stage1-{tag}.metrics.jsonl")
+    else:
+        for bank in model.controller_banks():
+            for slot in bank.slots:
+                slot.kv_logit_bias.data.fill_(STAGE2_KV_BIAS)
+        model.config = model.config.with_(image_size=cfg.model.image_size)
+        shipped = [s for s in train if s.modality in mods]
+        t0 = time.monotonic()
+        result = distill(model, shipped, stage2_teacher=_teacher(cfg.model.image_size),
+                         stage2_epochs=args.epochs or d.stage2_epochs, out_dir=RUNS / stage, **fit)
+        runs.append({"image_size": cfg.model.image_size, "images": len(shipped),
+                     "seconds": round(time.monotonic() - t0, 1),
+                     **{k: v for k, v in result.items() if k.startswith("stage2/")}})
+        shutil.copyfile(RUNS / stage / "metrics.jsonl", RESULTS / "stage2.metrics.jsonl")
+    model.config = model.config.with_(image_size=cfg.model.image_size)
+    save_checkpoint(model, _checkpoint(stage), {"espmed.real.stage": stage})
+    test = _samples(cfg, "test")
+    cosine = held_out_cosine(model, test, neutral_for_unshipped=stage == "stage1")
+    if stage == "stage2":
+        cosine["shared_trunk_neutral"] = held_out_cosine(_neutral_copy(model), test, neutral_for_unshipped=True)
+    _write(stage, {"stage": stage, "runs": runs, "seconds": round(time.monotonic() - started, 1),
+                   "cosine": cosine, "machine": _machine(args.threads),
+                   "settings": {"lr": d.lr, "gamma": d.gamma, "cosine_weight": d.cosine_weight,
+                                "batch_size": args.batch_size,
+                                "kv_bias": STAGE2_KV_BIAS if stage == "stage2" else None}})
+
+
+def _freeze_batchnorm(module) -> None:
+    """Keep every BatchNorm of `module` in eval mode even when the model is put in train mode: a frozen
+    trunk must not move its statistics to a few hundred crops of three modalities."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+            m.train = types.MethodType(lambda self, mode=True: self, m)
+
+
+def stage_segment(args) -> None:
+    from espmed.data import train_items
+    from espmed.model import load_checkpoint
+    from espmed.train import load_config, train
+
+    cfg = load_config(SEGMENT_CONFIG)
+    changes = {"out_dir": str(RUNS / "stage3")}
+    if args.epochs:
+        changes["epochs"] = args.epochs
+    cfg = cfg.with_train(**changes)
+    model = load_checkpoint(_checkpoint("stage2"))
+    model.config = model.config.with_(image_size=cfg.model.image_size)
+    if "trunk" not in cfg.train.trainable:
+        _freeze_batchnorm(model.trunk)
+    items = [i for spec in cfg.data["train"] for i in train_items(spec, cfg.base_dir)]
+    started = time.monotonic()
+    summary = train(cfg, items, [], show_progress=False, model=model)
+    _keep_log("stage3")
+    _write("stage3", {"stage": "stage3", "items": len(items), "trainable": list(cfg.train.trainable),
+                      "seconds": round(time.monotonic() - started, 1), "machine": _machine(cfg.train.threads),
+                      **{k: v for k, v in summary.items() if k != "losses"}})
+
+
+def evaluate_model(model, out_dir: Path) -> dict:
+    """Held-out metrics at 1024²: per image, per modality, and per volume (Dice pooled over its slices)."""
+    from collections import defaultdict
+
+    from espmed.train import load_config
+    from espmed.train.evaluate import evaluate
+
+    cfg = load_config(SEGMENT_CONFIG)
+    samples = _samples(cfg, "test")
+    model.config = model.config.with_(image_size=EVAL_SIZE)
+    result = evaluate(model, samples, out_dir, save_predictions=True, nsd_tolerance=2.0, batch_size=2)
+    volumes: dict[str, dict] = defaultdict(lambda: {"slices": 0, "tp": 0, "pred": 0, "truth": 0})
+    from espmed.io import read_mask
+
+    for s in samples:
+        pred = read_mask(out_dir / "predictions" / f"{s.name}.png")
+        v = volumes[(s.modality, s.name.split("_ax")[0])]
+        v["slices"] += 1
+        v["tp"] += int((pred & s.mask).sum())
+        v["pred"] += int(pred.sum())
+        v["truth"] += int(s.mask.sum())
+    per_volume = []
+    for (modality, name), v in volumes.items():
+        rows = [r for r in result["images"] if r["name"].split("_ax")[0] == name]
+        per_volume.append({
+            "modality": modality, "volume_or_image": name, "slices": v["slices"], "truth_pixels": v["truth"],
+            "pred_pixels": v["pred"], "dice_pooled": round(2 * v["tp"] / max(1, v["pred"] + v["truth"]), 4),
+            **{f"{m}_mean": round(sum(r[m] for r in rows) / len(rows), 4) for m in ("dice", "iou", "hd95", "nsd")},
+        })
+    return {"image_size": EVAL_SIZE, "summary": result["summary"], "per_volume": per_volume,
+            "images": result["images"]}
+
+
+def stage_eval(args) -> None:
+    from espmed.model import load_checkpoint
+    from espmed.train import load_config
+
+    model = load_checkpoint(_checkpoint("stage3"))
+    result = evaluate_model(model, RUNS / "eval")
+    result["cosine"] = held_out_cosine(model, _samples(load_config(DISTILL_CONFIG), "test"),
+                                       neutral_for_unshipped=False)
+    _write("eval", result)
+
+
+def stage_ship(args) -> None:
+    import torch
+
+    from espmed.atomic import file_sha256
+    from espmed.model import default_checkpoint, load_checkpoint, save_checkpoint
+    from espmed.train import load_config
+
+    model = load_checkpoint(_checkpoint("stage3"))
+    model.config = model.config.with_(image_size=EVAL_SIZE)
+    out = default_checkpoint(required=False)
+    save_checkpoint(model, out, {"espmed.real.recipe": "python benchmarks/real_model/make_model.py all"},
+                    dtype=torch.float16)
+    shipped = load_checkpoint(out)
+    result = evaluate_model(shipped, RUNS / "ship")
+    result["cosine"] = held_out_cosine(shipped, _samples(load_config(DISTILL_CONFIG), "test"),
+                                       neutral_for_unshipped=False)
+    result["file"] = {"path": str(out.relative_to(REPO)), "bytes": out.stat().st_size, "sha256": file_sha256(out)}
+    _write("ship", result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("--epochs", type=int, default=0, help="override the stage's epochs (stage1: at 512²)")
+    parser.add_argument("--finish-epochs", type=int, default=1, help="stage1: epochs at 1024² after 512²")
+    parser.add_argument("--batch-size", type=int, default=4, help="distillation batch size")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    run = {"init": stage_init, "stage1": lambda a: stage_distill(a, "stage1"),
+           "stage2": lambda a: stage_distill(a, "stage2"), "stage3": stage_segment, "eval": stage_eval,
+           "ship": stage_ship}
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        started = time.monotonic()
+        run[stage](args)
+        print(f"{stage}: {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
