@@ -1,6 +1,7 @@
 """ESP-MedSAM in plain PyTorch: `ESPMedSAM(config)` and `load_checkpoint(path)`."""
 
 from .checkpoint import (
+    default_checkpoint,
     load_checkpoint,
     load_release_checkpoint,
     merge_release_checkpoints,
@@ -16,6 +17,7 @@ __all__ = [
     "Preprocessing",
     "RELEASE_MODALITIES",
     "SegmentationOutput",
+    "default_checkpoint",
     "get_preset",
     "load_checkpoint",
     "load_release_checkpoint",

@@ -25,6 +25,8 @@ from .esp_medsam import ESPMedSAM
 CONFIG_METADATA_KEY = "espmed.config"
 FORMAT_METADATA_KEY = "espmed.format"
 NATIVE_FORMAT = "espmed-checkpoint/1"
+#: Set when floating-point tensors are stored in a narrower type than the model computes in (float32).
+STORED_DTYPE_METADATA_KEY = "espmed.stored_dtype"
 
 #: Release keys that the release's forward never reads: the SAM prompt encoder (all but its
 #: positional-encoding matrix) and TinyViT's ImageNet classification head.
@@ -198,7 +200,8 @@ def merge_release_checkpoints(
                 merged[key] = value
                 first_source = first_source or str(path)
             elif not torch.equal(merged[key], value):
-                diff = (merged[key].double() - value.double()).abs().max().item() if merged[key].shape == value.shape else float("nan")
+                same_shape = merged[key].shape == value.shape
+                diff = (merged[key].double() - value.double()).abs().max().item() if same_shape else float("nan")
                 differ.append(f"{key} ({modality}: max |diff| {diff:.3g})")
     if differ:
         raise CheckpointError(
@@ -208,8 +211,16 @@ def merge_release_checkpoints(
 
 
 # -- native files --------------------------------------------------------------------------------
-def save_checkpoint(model: ESPMedSAM, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `model` as a native safetensors checkpoint (atomic)."""
+def save_checkpoint(
+    model: ESPMedSAM,
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `model` as a native safetensors checkpoint (atomic). `dtype` (e.g. torch.float16, to
+    halve a shipped file) stores its floating-point tensors in that type; `load_checkpoint` upcasts
+    them to float32 again."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -221,6 +232,11 @@ def save_checkpoint(model: ESPMedSAM, path: str | Path, metadata: Mapping[str, s
     if metadata:
         meta.update({str(k): str(v) for k, v in metadata.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"a checkpoint stores floating-point tensors, not {dtype}")
+        meta[STORED_DTYPE_METADATA_KEY] = str(dtype).removeprefix("torch.")
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -242,6 +258,8 @@ def read_native_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, tor
         cfg = ModelConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path}: invalid model config in checkpoint: {exc}") from None
+    # fp16/bf16-stored files compute in float32, as they were measured.
+    tensors = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in tensors.items()}
     return cfg, tensors, meta
 
 
@@ -265,3 +283,19 @@ def load_checkpoint(
         cfg = cfg.with_(image_size=image_size)
     model = _load_into(ESPMedSAM(cfg), tensors, str(path))
     return model.specialize(modality) if modality is not None else model
+
+
+# -- the shipped model ---------------------------------------------------------------------------
+#: The real ESP-MedSAM shipped with the package (model card beside it).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "models" / "esp-medsam-real.safetensors"
+
+
+def default_checkpoint(*, required: bool = True) -> Path:
+    """Path of the shipped model (`espmed/assets/models/`): what `espmed bench`, `export` and `info`
+    use when no checkpoint is given. `required=False` returns the path even when the file is absent."""
+    if required and not DEFAULT_CHECKPOINT.is_file():
+        raise CheckpointError(
+            f"{DEFAULT_CHECKPOINT}: the shipped model is missing from this install; give a checkpoint "
+            "(or --random-weights)"
+        )
+    return DEFAULT_CHECKPOINT
