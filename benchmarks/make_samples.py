@@ -51,17 +51,20 @@ def main() -> None:
         Image.fromarray(_u8(img[ys, xs], lo, hi)).save(OUT / f"{name}.png", optimize=True)
         Image.fromarray(((lab[ys, xs] > 0) * 255).astype(np.uint8)).save(OUT / "masks" / f"{name}.png", optimize=True)
         index.append({"file": f"{name}.png", "modality": "microscopy", "mask": f"masks/{name}.png",
-                      "source": "stardist 0.9.2 data/images/img2d.tif + mask2d.tif (DSB 2018, CC0), 256x256 crop, percentile 1-99.8 to 8 bit"})
+                      "source": "stardist 0.9.2 data/images/img2d.tif + mask2d.tif (DSB 2018, CC0), "
+                                "256x256 crop, percentile 1-99.8 to 8 bit"})
 
     tpl = nib.as_closest_canonical(datasets.load_mni152_template(resolution=1))
     brain = nib.as_closest_canonical(datasets.load_mni152_brain_mask(resolution=1))
     t, b = tpl.get_fdata(), brain.get_fdata()
     for name, z in {"brain_mni152_axial_z90": 90, "brain_mni152_axial_z60": 60}.items():
-        sl = np.rot90(t[:, :, z]); ms = np.rot90(b[:, :, z] > 0.5)
+        sl = np.rot90(t[:, :, z])
+        ms = np.rot90(b[:, :, z] > 0.5)
         Image.fromarray(_u8(sl, 0, t.max())).save(OUT / f"{name}.png", optimize=True)
         Image.fromarray((ms * 255).astype(np.uint8)).save(OUT / "masks" / f"{name}.png", optimize=True)
         index.append({"file": f"{name}.png", "modality": "brain-mri", "mask": f"masks/{name}.png",
-                      "source": f"nilearn load_mni152_template(resolution=1) axial slice z={z}; mask: load_mni152_brain_mask"})
+                      "source": f"nilearn load_mni152_template(resolution=1) axial slice z={z}; "
+                                "mask: load_mni152_brain_mask"})
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)

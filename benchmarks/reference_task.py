@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         "espmed_version": __version__,
         "torch": torch.__version__,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                    "torch_threads": torch.get_num_threads(),
+                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "model": {"preset": best.config.preset, "image_size": best.config.image_size,
                   "modalities": list(best.config.modalities), "controller_map": list(best.config.controller_map),
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"train_items_per_epoch": len(items), "valid_images": len(valid), "test_images": len(test),
                  "splits": "see espmed/data/reference.py (disjoint slices / image regions)"},
         "training": {k: v for k, v in summary.items() if k != "losses"},
-        "checkpoint": {"path": str(run_dir / "model.safetensors"), "sha256": file_sha256(run_dir / "model.safetensors")},
+        "checkpoint": {"path": str(run_dir / "model.safetensors"),
+                       "sha256": file_sha256(run_dir / "model.safetensors")},
         "test": result["summary"],
         "targets": {m: {"dice_at_least": t, "passed": passed[m]} for m, t in TARGETS.items()},
         "seconds": {"data": round(load_s, 1), "train": summary["seconds"], "total": round(total_s, 1)},
@@ -91,10 +93,11 @@ def _markdown(r: dict) -> str:
         "# Reference task results",
         "",
         f"Command: `{r['command']}` (config `{r['config']}`), espmed {r['espmed_version']}, torch {r['torch']}.",
-        f"Machine: {r['machine']['platform']}, {r['machine']['cpu_count']} CPU cores, {r['machine']['torch_threads']} torch threads "
-        "(shared with other jobs while it ran).",
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpu_count']} CPU cores, "
+        f"{r['machine']['torch_threads']} torch threads (shared with other jobs while it ran).",
         f"Model: {r['model']['preset']} at {r['model']['image_size']}², {r['model']['parameters']:,} parameters, "
-        f"{r['model']['gflops_per_image']} GFLOPs/image, controllers {r['model']['controller_map']} for {r['model']['modalities']}.",
+        f"{r['model']['gflops_per_image']} GFLOPs/image, "
+        f"controllers {r['model']['controller_map']} for {r['model']['modalities']}.",
         f"Training: {r['training']['steps']} optimizer steps, {r['training']['epochs_completed']} epochs, "
         f"best validation mean Dice {r['training']['best_valid_dice']:.4f} at step {r['training']['best_step']}; "
         f"wall time {r['seconds']['total'] / 60:.1f} min total ({r['seconds']['train'] / 60:.1f} min training).",
@@ -110,9 +113,11 @@ def _markdown(r: dict) -> str:
     for domain, mods in r["test"].items():
         for m, s in mods.items():
             target = r["targets"].get(m) if domain == "seen" else None
+            target_cell = "Dice ≥ " + str(target["dice_at_least"]) if target else "–"
+            passed_cell = ("yes" if target["passed"] else "NO") if target else "–"
             lines.append(
-                f"| {domain} | {m} | {s['images']} | {s['dice']:.4f} | {s['iou']:.4f} | {s['hd95']:.2f} | {s['nsd']:.4f} | "
-                f"{'Dice ≥ ' + str(target['dice_at_least']) if target else '–'} | {('yes' if target['passed'] else 'NO') if target else '–'} |"
+                f"| {domain} | {m} | {s['images']} | {s['dice']:.4f} | {s['iou']:.4f} | {s['hd95']:.2f} | "
+                f"{s['nsd']:.4f} | {target_cell} | {passed_cell} |"
             )
     lines += ["", f"Checkpoint: `{r['checkpoint']['path']}` (sha256 `{r['checkpoint']['sha256'][:16]}…`).", ""]
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def soak(segmenter, images: list[np.ndarray], threads: int, calls: int, warmup_calls: int = 10, sample_every: int = 25) -> dict:
+def soak(
+    segmenter, images: list[np.ndarray], threads: int, calls: int, warmup_calls: int = 10, sample_every: int = 25
+) -> dict:
     """`threads` workers x `calls` predictions each on one shared segmenter; checks every mask.
 
     RSS is taken as the baseline after a threaded warm-up (`warmup_calls` per thread), so the
@@ -52,7 +54,9 @@ def soak(segmenter, images: list[np.ndarray], threads: int, calls: int, warmup_c
     reference = [segmenter.predict(im).mask for im in images]
     rss_single = rss_mib()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda t: [segmenter.predict(images[(t + c) % len(images)]) for c in range(warmup_calls)], range(threads)))
+        list(pool.map(
+            lambda t: [segmenter.predict(images[(t + c) % len(images)]) for c in range(warmup_calls)], range(threads)
+        ))
     rss_before = rss_mib()
     samples: list[tuple[float, float]] = []
     start = time.perf_counter()
@@ -106,7 +110,10 @@ def tiny_onnx(folder: Path) -> Path:
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var") else torch.randn(t.shape, generator=g) * 0.2)
+                if name.endswith("running_var"):
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
     checkpoint = save_checkpoint(model.eval(), folder / "tiny.safetensors")
     return export(checkpoint, "onnx", folder / "tiny.onnx", modality="fundus", dynamic=True, simplify="none").artifact
 
@@ -132,14 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         result = soak(segmenter, images, args.threads, args.calls)
     import onnxruntime
 
+    default_model = "esp-medsam-tiny random weights, fundus controller, ONNX (dynamic batch), 256 px"
     result.update({
-        "model": str(args.model) if args.model else "esp-medsam-tiny random weights, fundus controller, ONNX (dynamic batch), 256 px",
+        "model": str(args.model) if args.model else default_model,
         "backend": segmenter.backend,
         "images": [f"{im.shape[1]}x{im.shape[0]}" for im in images],
         "rss_mib_after_load": round(rss_loaded, 1),
         "rss_bound_mib": args.rss_bound_mib,
         "within_bound": result["rss_growth_mib"] <= args.rss_bound_mib,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
+        "machine": {
+            "cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__
+        },
     })
     write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -33,13 +33,19 @@ TRT_SUPPORTED_OPS = frozenset(
 
 #: Op types computed in FP32 inside an FP16 engine: normalisation statistics, softmax and
 #: reductions overflow or lose too many bits in half precision.
-FP32_PINNED_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare", "Pow", "Sqrt")
+FP32_PINNED_OPS = (
+    "LayerNormalization", "Softmax",
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare",
+    "Pow", "Sqrt",
+)
 
 
 def preflight(model: onnx.ModelProto, dynamic: bool) -> None:
     """Refuse a graph TensorRT would not build: unsupported ops, dynamic dims other than batch."""
     problems = []
-    unsupported = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in TRT_SUPPORTED_OPS})
+    unsupported = sorted({
+        n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in TRT_SUPPORTED_OPS
+    })
     if unsupported:
         problems.append(f"ops TensorRT's ONNX parser does not support: {', '.join(unsupported)}")
     for value in list(model.graph.input) + list(model.graph.output):
@@ -49,7 +55,9 @@ def preflight(model: onnx.ModelProto, dynamic: bool) -> None:
                 continue
             if i == 0 and dynamic:
                 continue
-            problems.append(f"{value.name} has a dynamic dimension {i} ({d.dim_param or '?'}); only the batch may be dynamic")
+            problems.append(
+                f"{value.name} has a dynamic dimension {i} ({d.dim_param or '?'}); only the batch may be dynamic"
+            )
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             problems.append(f"{value.name} is not float32")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -77,7 +85,9 @@ def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendUnavailableError("TensorRT is not installed (pip install 'espmed[tensorrt]' on an NVIDIA GPU machine)") from None
+        raise BackendUnavailableError(
+            "TensorRT is not installed (pip install 'espmed[tensorrt]' on an NVIDIA GPU machine)"
+        ) from None
     if int(trt.__version__.split(".")[0]) < 10:
         raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; espmed builds with TensorRT 10")
     return trt

@@ -176,7 +176,7 @@ def check_input_shape(path: Path, metadata: ArtifactMetadata, dims: Sequence[int
     """The graph's input shape (None = dynamic dimension) must be what the metadata promises."""
     s = metadata.input_size
     expected = [metadata.batch or None, 3, s, s]
-    if len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims[1:], expected[1:])):
+    if len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims[1:], expected[1:], strict=True)):
         raise ArtifactError(f"{path}: graph input shape {list(dims)} does not match the metadata's (B, 3, {s}, {s})")
     if metadata.batch and dims[0] not in (None, metadata.batch):
         raise ArtifactError(f"{path}: graph batch {dims[0]} does not match the metadata's batch {metadata.batch}")

@@ -60,7 +60,8 @@ class ArtifactMetadata:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{source}: metadata is not valid JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ArtifactError(f"{source}: not an espmed artifact (metadata schema {data.get('schema') if isinstance(data, dict) else None!r})")
+            schema = data.get("schema") if isinstance(data, dict) else None
+            raise ArtifactError(f"{source}: not an espmed artifact (metadata schema {schema!r})")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             meta = cls(**{k: v for k, v in data.items() if k in known})

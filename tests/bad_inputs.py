@@ -85,6 +85,11 @@ def gradient(h: int = 48, w: int = 64, dtype=np.uint8) -> np.ndarray:
     return ramp.astype(dtype)
 
 
+def gradient_volume(h: int, w: int, depth: int, dtype) -> np.ndarray:
+    """`gradient` repeated along a third axis: an (H, W, D) test volume."""
+    return gradient(h, w, dtype)[:, :, None].repeat(depth, axis=2)
+
+
 def pil_bytes(image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
@@ -232,7 +237,7 @@ def _nifti_zero(d: Path, ctx: Context) -> Case:
 
 def _nifti_with(value: float) -> Callable[[Path, Context], Case]:
     def build(d: Path, ctx: Context) -> Case:
-        vol = gradient(32, 32, np.float32)[:, :, None].repeat(4, axis=2)
+        vol = gradient_volume(32, 32, 4, np.float32)
         vol[5, 7, 2] = value
         return write(d, f"float_{value}.nii.gz", gzip.compress(nifti_bytes(vol)))
 
@@ -304,9 +309,10 @@ IMAGE_INPUTS = [
     BadInput("DICOM preamble then garbage", "image", "refused", ImageReadError,
              lambda d, c: write(d, "garbage.dcm", bytes(128) + b"DICM" + bytes(range(256)) * 4)),
     BadInput("truncated NIfTI (.nii)", "image", "refused", ImageReadError,
-             lambda d, c: write(d, "truncated.nii", cut(nifti_bytes(gradient(64, 64, np.float32)[:, :, None].repeat(8, 2)), 0.4))),
+             lambda d, c: write(d, "truncated.nii", cut(nifti_bytes(gradient_volume(64, 64, 8, np.float32)), 0.4))),
     BadInput("truncated NIfTI (.nii.gz)", "image", "refused", ImageReadError,
-             lambda d, c: write(d, "truncated.nii.gz", cut(gzip.compress(nifti_bytes(gradient(64, 64, np.float32)[:, :, None].repeat(8, 2))), 0.5))),
+             lambda d, c: write(d, "truncated.nii.gz",
+                                cut(gzip.compress(nifti_bytes(gradient_volume(64, 64, 8, np.float32))), 0.5))),
     BadInput("gzip of garbage named .nii.gz", "image", "refused", ImageReadError,
              lambda d, c: write(d, "garbage.nii.gz", gzip.compress(bytes(range(256)) * 2))),
     # wrong extensions
@@ -319,9 +325,11 @@ IMAGE_INPUTS = [
     BadInput("PNG named .gif (unsupported suffix)", "image", "refused", ImageReadError,
              lambda d, c: write(d, "image.gif", SAMPLE_PNG.read_bytes())),
     BadInput("PNG bytes named .jpg", "image", "converted", None,
-             lambda d, c: write(d, "really_png.jpg", SAMPLE_PNG.read_bytes()), "read by content (Pillow sniffs the format)"),
+             lambda d, c: write(d, "really_png.jpg", SAMPLE_PNG.read_bytes()),
+             "read by content (Pillow sniffs the format)"),
     BadInput("DICOM bytes named .png", "image", "converted", None,
-             lambda d, c: write(d, "really_dicom.png", dicom_bytes(ct_dataset())), "read as DICOM ('DICM' signature wins over the suffix)"),
+             lambda d, c: write(d, "really_dicom.png", dicom_bytes(ct_dataset())),
+             "read as DICOM ('DICM' signature wins over the suffix)"),
     # degenerate sizes and decompression bombs
     BadInput("1x1 PNG", "image", "refused", ImageReadError,
              lambda d, c: write(d, "one_pixel.png", png_bytes(np.full((1, 1), 7, np.uint8)))),
@@ -346,7 +354,7 @@ IMAGE_INPUTS = [
     BadInput("signed int16 TIFF", "image", "converted", None,
              lambda d, c: write(d, "signed.tif", tiff_bytes(gradient(dtype=np.int16))), "min-max scaled to 0..255"),
     BadInput("signed int16 NIfTI volume", "image", "converted", None,
-             lambda d, c: write(d, "signed.nii.gz", gzip.compress(nifti_bytes(gradient(32, 32, np.int16)[:, :, None].repeat(3, 2)))),
+             lambda d, c: write(d, "signed.nii.gz", gzip.compress(nifti_bytes(gradient_volume(32, 32, 3, np.int16)))),
              "0.5-99.5 percentile window per volume"),
     BadInput("float32 TIFF (finite)", "image", "converted", None,
              lambda d, c: write(d, "float.tif", tiff_bytes(gradient(dtype=np.float32))), "min-max scaled to 0..255"),
@@ -356,9 +364,11 @@ IMAGE_INPUTS = [
     BadInput("float NIfTI with -Inf", "image", "refused", ImageReadError, _nifti_with(float("-inf"))),
     BadInput("RGBA PNG", "image", "converted", None, _rgba_png, "alpha dropped"),
     BadInput("palette PNG", "image", "converted", None, _palette_png, "palette expanded to RGB"),
-    BadInput("gray+alpha (2-channel) PNG", "image", "converted", None, _gray_alpha_png, "alpha dropped, gray replicated"),
+    BadInput("gray+alpha (2-channel) PNG", "image", "converted", None, _gray_alpha_png,
+             "alpha dropped, gray replicated"),
     BadInput("2-channel TIFF", "image", "converted", None,
-             lambda d, c: write(d, "two_channel.tif", tiff_bytes(np.dstack([gradient(), gradient()[::-1]]), photometric="minisblack", planarconfig="contig")),
+             lambda d, c: write(d, "two_channel.tif", tiff_bytes(np.dstack([gradient(), gradient()[::-1]]),
+                                                                 photometric="minisblack", planarconfig="contig")),
              "first channel used as gray"),
     BadInput("CMYK JPEG", "image", "converted", None, _cmyk_jpeg, "converted to RGB"),
     BadInput("4-D NIfTI (16 x 16 x 4 x 3)", "image", "refused", ImageReadError,
@@ -448,15 +458,21 @@ def _no_config_safetensors(d: Path, ctx: Context) -> Case:
 
 
 CHECKPOINT_INPUTS = [
-    BadInput("checkpoint with a missing key", "checkpoint", "refused", CheckpointError, _edited_checkpoint("missing_key.safetensors", _drop_key)),
-    BadInput("checkpoint with an extra key", "checkpoint", "refused", CheckpointError, _edited_checkpoint("extra_key.safetensors", _add_key)),
-    BadInput("checkpoint with a wrong-shape tensor", "checkpoint", "refused", CheckpointError, _edited_checkpoint("wrong_shape.safetensors", _reshape_key)),
-    BadInput("checkpoint with a NaN weight", "checkpoint", "refused", CheckpointError, _edited_checkpoint("nan_weight.safetensors", _nan_weight)),
+    BadInput("checkpoint with a missing key", "checkpoint", "refused", CheckpointError,
+             _edited_checkpoint("missing_key.safetensors", _drop_key)),
+    BadInput("checkpoint with an extra key", "checkpoint", "refused", CheckpointError,
+             _edited_checkpoint("extra_key.safetensors", _add_key)),
+    BadInput("checkpoint with a wrong-shape tensor", "checkpoint", "refused", CheckpointError,
+             _edited_checkpoint("wrong_shape.safetensors", _reshape_key)),
+    BadInput("checkpoint with a NaN weight", "checkpoint", "refused", CheckpointError,
+             _edited_checkpoint("nan_weight.safetensors", _nan_weight)),
     BadInput("truncated safetensors checkpoint", "checkpoint", "refused", CheckpointError,
              lambda d, c: write(d, "truncated.safetensors", cut(c.checkpoint.read_bytes(), 0.5))),
     BadInput("safetensors without an espmed config", "checkpoint", "refused", CheckpointError, _no_config_safetensors),
-    BadInput("zip .pth whose pickle runs os.system", "checkpoint", "refused", CheckpointError, _pickle_checkpoint(True), "weights_only=True refuses the global"),
-    BadInput("raw pickle .pth that runs os.system", "checkpoint", "refused", CheckpointError, _pickle_checkpoint(False), "not a zip checkpoint: never unpickled"),
+    BadInput("zip .pth whose pickle runs os.system", "checkpoint", "refused", CheckpointError,
+             _pickle_checkpoint(True), "weights_only=True refuses the global"),
+    BadInput("raw pickle .pth that runs os.system", "checkpoint", "refused", CheckpointError,
+             _pickle_checkpoint(False), "not a zip checkpoint: never unpickled"),
 ]
 
 
@@ -547,21 +563,25 @@ def _modality(which: str, modality: str) -> Callable[[Path, Context], Case]:
 ARTIFACT_INPUTS = [
     BadInput("ONNX whose bytes no longer match the manifest", "artifact", "refused", ArtifactError, _tampered("onnx")),
     BadInput("OpenVINO .xml edited after export", "artifact", "refused", ArtifactError, _tampered("openvino")),
-    BadInput("OpenVINO .bin whose bytes no longer match", "artifact", "refused", ArtifactError, _tampered("openvino", ".bin")),
+    BadInput("OpenVINO .bin whose bytes no longer match", "artifact", "refused", ArtifactError,
+             _tampered("openvino", ".bin")),
     BadInput("TensorRT engine whose bytes no longer match", "artifact", "refused", ArtifactError,
              _engine("tampered.engine", *HERE_TRT, tamper=True)),
     BadInput("bare TensorRT plan without the espmed header", "artifact", "refused", ArtifactError, _bare_plan),
     BadInput("ONNX graph for 256 px, metadata says 320 px", "artifact", "refused", ArtifactError, _size_mismatch),
     BadInput("random bytes named .onnx", "artifact", "refused", ArtifactError,
              lambda d, c: write(d, "noise.onnx", bytes(range(256)) * 16)),
-    BadInput("brain artifact run with --modality nuclei", "artifact", "refused", ModalityError, _modality("onnx", "nuclei")),
+    BadInput("brain artifact run with --modality nuclei", "artifact", "refused", ModalityError,
+             _modality("onnx", "nuclei")),
     BadInput("unknown modality for an artifact", "artifact", "refused", ModalityError, _modality("onnx", "spleen")),
-    BadInput("unknown modality for a checkpoint", "artifact", "refused", ModalityError, _modality("checkpoint", "spleen")),
+    BadInput("unknown modality for a checkpoint", "artifact", "refused", ModalityError,
+             _modality("checkpoint", "spleen")),
     BadInput("engine header from another TensorRT version", "engine", "refused", ArtifactError,
              _engine("old_trt.engine", "8.6.1", *HERE_TRT[1:]), "CLI here stops earlier: no TensorRT on this machine",
              cli_error=BackendUnavailableError),
     BadInput("engine header from another GPU", "engine", "refused", ArtifactError,
-             _engine("orin.engine", HERE_TRT[0], "Orin (nvgpu)", "8.7"), "CLI here stops earlier: no TensorRT on this machine",
+             _engine("orin.engine", HERE_TRT[0], "Orin (nvgpu)", "8.7"),
+             "CLI here stops earlier: no TensorRT on this machine",
              cli_error=BackendUnavailableError),
 ]
 

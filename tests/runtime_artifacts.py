@@ -43,7 +43,8 @@ def convert_openvino(onnx_path: Path, out_xml: Path) -> Path:
 
 def write_manifest(artifact: Path, metadata: ArtifactMetadata, files: list[Path]) -> Path:
     out = artifact.with_name(artifact.name + ".manifest.json")
-    out.write_text(json.dumps({"metadata": json.loads(metadata.to_json()), "files": {f.name: file_sha256(f) for f in files}}))
+    hashes = {f.name: file_sha256(f) for f in files}
+    out.write_text(json.dumps({"metadata": json.loads(metadata.to_json()), "files": hashes}))
     return out
 
 

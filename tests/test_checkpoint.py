@@ -50,8 +50,14 @@ def _numel(shape):
     [
         (lambda sd: sd.pop("mask_query.weight"), "missing keys: decoder.queries.weight"),
         (lambda sd: sd.__setitem__("extra.layer.weight", torch.zeros(1)), "unexpected keys .*extra.layer.weight"),
-        (lambda sd: sd.__setitem__("patch_decoder.3.bias", torch.zeros(2)), r"wrong tensor shapes: sppg.patch_head.3.bias \(2,\) != \(1,\)"),
-        (lambda sd: sd["dense_prompter.0.bias"].__setitem__(0, float("nan")), "non-finite values in sppg.prompt_embed.0.bias"),
+        (
+            lambda sd: sd.__setitem__("patch_decoder.3.bias", torch.zeros(2)),
+            r"wrong tensor shapes: sppg.patch_head.3.bias \(2,\) != \(1,\)",
+        ),
+        (
+            lambda sd: sd["dense_prompter.0.bias"].__setitem__(0, float("nan")),
+            "non-finite values in sppg.prompt_embed.0.bias",
+        ),
     ],
 )
 def test_tampered_release_checkpoint_names_the_keys(release_sd, tmp_path, tamper, message):
@@ -105,7 +111,7 @@ def test_native_round_trip_is_exact(tmp_path):
     assert not zipfile.is_zipfile(path)
     loaded = load_checkpoint(path)
     assert loaded.config == model.config
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
@@ -142,7 +148,9 @@ def test_merge_release_files(release_sd, tmp_path):
 
     other["mask_query.weight"] += 1e-3  # shared weight differs now
     torch.save(other, b)
-    with pytest.raises(CheckpointError, match=r"shared tensors differ .*decoder.queries.weight \(xray: max \|diff\| 0.001\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shared tensors differ .*decoder.queries.weight \(xray: max \|diff\| 0.001\)"
+    ):
         merge_release_checkpoints({"dermoscopy": a, "xray": b})
 
 

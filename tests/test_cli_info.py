@@ -32,7 +32,8 @@ def test_info_on_release_checkpoint(golden_dir):
 
 def test_convert_then_info_on_native(golden_dir, tmp_path):
     out = tmp_path / "fundus.safetensors"
-    r = _espmed("convert", "--release", f"fundus={golden_dir / 'official_random_state_dict.pth'}", "--out", str(out), "--imgsz", "512")
+    release = f"fundus={golden_dir / 'official_random_state_dict.pth'}"
+    r = _espmed("convert", "--release", release, "--out", str(out), "--imgsz", "512")
     assert r.returncode == 0, r.stderr
     data = json.loads(_espmed("info", "--checkpoint", str(out), "--json").stdout)
     assert data["modalities_with_controller"] == ["fundus"]

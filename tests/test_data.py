@@ -35,7 +35,8 @@ def _write_pair(img_dir, mask_dir, name, shape=(40, 56), seed=0):
 def test_release_layout(tmp_path):
     for i, n in enumerate(("a", "b", "c")):
         _write_pair(tmp_path / "image_kvasir", tmp_path / "mask_kvasir", n, seed=i)
-    (tmp_path / "kvasir_data_split.json").write_text(json.dumps({"train": ["a.png", "b.png"], "valid": [], "test": ["c.png"]}))
+    split = {"train": ["a.png", "b.png"], "valid": [], "test": ["c.png"]}
+    (tmp_path / "kvasir_data_split.json").write_text(json.dumps(split))
     spec = {"kind": "release", "root": str(tmp_path), "name": "kvasir", "split": "train", "modality": "colonoscopy"}
     samples = load_samples(spec)
     assert [s.name for s in samples] == ["a", "b"]
@@ -62,7 +63,9 @@ def test_volume_layout_reads_nifti_slices(tmp_path):
     lab[2:3, 2:3, 3] = 1
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "t1.nii.gz"))
     nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "seg.nii.gz"))
-    samples = load_samples({"kind": "volume", "image": "t1.nii.gz", "mask": "seg.nii.gz", "axis": 2, "modality": "mri"}, base=tmp_path)
+    samples = load_samples(
+        {"kind": "volume", "image": "t1.nii.gz", "mask": "seg.nii.gz", "axis": 2, "modality": "mri"}, base=tmp_path
+    )
     assert [s.name for s in samples] == ["t1_ax2_001", "t1_ax2_003"]
     assert np.array_equal(samples[0].image, np.rot90(vol[:, :, 1]))
     assert samples[0].mask.sum() == 9 and samples[1].mask.sum() == 1
@@ -160,7 +163,9 @@ def test_reference_splits_are_disjoint():
 
 
 def test_train_items_repeat_and_crop():
-    items = train_items({"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "repeat": 3, "crop": [64, 128]})
+    items = train_items(
+        {"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "repeat": 3, "crop": [64, 128]}
+    )
     assert len(items) == 3 and items[0].crop == (64, 128) and items[0].augment
     with pytest.raises(DatasetSpecError, match="crop"):
         train_items({"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "crop": [8]})
@@ -187,7 +192,9 @@ def test_volume_layout_reads_a_dicom_series_in_slice_order(tmp_path):
     label = np.zeros(shape, np.uint8)
     label[10:20, 5:30, 1] = 1
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "seg.nii.gz"))
-    samples = load_samples({"kind": "volume", "image": "series", "mask": "seg.nii.gz", "modality": "mri"}, base=tmp_path)
+    samples = load_samples(
+        {"kind": "volume", "image": "series", "mask": "seg.nii.gz", "modality": "mri"}, base=tmp_path
+    )
     assert [s.name for s in samples] == ["series_ax2_001"]
     expected = dict(frames)[1]
     assert np.array_equal(samples[0].image, np.rot90(expected.T)) and samples[0].mask.sum() == 250

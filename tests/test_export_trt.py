@@ -144,7 +144,13 @@ def test_mismatched_engine_is_refused_with_a_clear_message():
     eh.check_compatible(meta, BUILT)
     with pytest.raises(ArtifactError, match=r"TensorRT 10.9.0.34 \(this machine has 10.13.0\)"):
         eh.check_compatible(meta, eh.EngineBuildInfo("10.13.0", BUILT.gpu_name, "8.9"))
-    with pytest.raises(ArtifactError, match=r"compute capability 8.9 \(this GPU is 9.0\).*rebuild it on this machine with `espmed export --target trt-fp16`"):
+    with pytest.raises(
+        ArtifactError,
+        match=(
+            r"compute capability 8.9 \(this GPU is 9.0\)"
+            r".*rebuild it on this machine with `espmed export --target trt-fp16`"
+        ),
+    ):
         eh.check_compatible(meta, eh.EngineBuildInfo(BUILT.tensorrt_version, "NVIDIA H100", "9.0"))
 
 

@@ -241,7 +241,11 @@ def test_dicom_seg_reads_back_and_references_the_sources(tmp_path):
     out = write_dicom_seg(tmp_path / "ct_seg.dcm", [source], [mask], modality_name="ct")
     seg = hd.seg.segread(out)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
-    referenced = [ref.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence]
+    referenced = [
+        ref.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence
+        for ref in item.ReferencedInstanceSequence
+    ]
     assert referenced == [source.SOPInstanceUID]
     assert str(seg.StudyInstanceUID) == str(source.StudyInstanceUID)
     got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(source.SOPInstanceUID)], segment_numbers=[1])
@@ -251,8 +255,12 @@ def test_dicom_seg_reads_back_and_references_the_sources(tmp_path):
     masks = [mask, ~mask, np.zeros_like(mask)]
     seg3 = hd.seg.segread(write_dicom_seg(tmp_path / "series_seg.dcm", series.source, masks))
     uids = {str(ds.SOPInstanceUID) for ds in series.source}
-    assert {ref.ReferencedSOPInstanceUID for item in seg3.ReferencedSeriesSequence for ref in item.ReferencedInstanceSequence} == uids
-    for ds, expected in zip(series.source, masks):
+    assert {
+        ref.ReferencedSOPInstanceUID
+        for item in seg3.ReferencedSeriesSequence
+        for ref in item.ReferencedInstanceSequence
+    } == uids
+    for ds, expected in zip(series.source, masks, strict=True):
         got = seg3.get_pixels_by_source_instance(
             source_sop_instance_uids=[str(ds.SOPInstanceUID)], segment_numbers=[1]
         )[0, :, :, 0]

@@ -48,7 +48,10 @@ def test_predict_pngs_dicom_series_and_nifti_with_a_bad_file(artifacts, tmp_path
     nib.save(load_mni152_template(resolution=2), str(mni))
     out = tmp_path / "out"
 
-    proc = espmed("predict", pngs, ct, tmp_path / "ct_series", mni, "--model", artifacts["onnx"], "--out", out, "--overlay")
+    proc = espmed(
+        "predict", pngs, ct, tmp_path / "ct_series", mni,
+        "--model", artifacts["onnx"], "--out", out, "--overlay",
+    )
     assert proc.returncode == 1, proc.stderr  # one bad file
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "broken.png" in proc.stdout and "5 segmented, 1 failed" in proc.stdout
@@ -63,7 +66,11 @@ def test_predict_pngs_dicom_series_and_nifti_with_a_bad_file(artifacts, tmp_path
     refs = [r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence]
     assert refs == [pydicom.dcmread(ct).SOPInstanceUID]
     series_seg = hd.seg.segread(out / "ct_series_seg.dcm")
-    refs = {r.ReferencedSOPInstanceUID for s in series_seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in series_seg.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
     assert refs == {pydicom.dcmread(p).SOPInstanceUID for p in series}
 
     source = nib.load(str(mni))
@@ -92,7 +99,9 @@ def test_predict_errors_are_one_line_and_non_zero(artifacts, tmp_path):
     proc = espmed("predict", SAMPLES / "ct_small.png", "--model", tmp_path / "missing.onnx", "--out", tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'missing.onnx'}: no such artifact file"
 
-    proc = espmed("predict", SAMPLES / "ct_small.png", "--model", artifacts["onnx"], "--out", tmp_path, "--format", "nifti")
+    proc = espmed(
+        "predict", SAMPLES / "ct_small.png", "--model", artifacts["onnx"], "--out", tmp_path, "--format", "nifti"
+    )
     assert proc.returncode == 1
     assert "--format nifti needs a NIfTI input" in proc.stdout
     assert not list(tmp_path.glob("*.nii*"))
@@ -107,7 +116,8 @@ def test_predict_runs_without_torch(artifacts, tmp_path):
 
     script = TORCH_BLOCKER + "from espmed.cli import run; run()"
     proc = subprocess.run(
-        [sys.executable, "-c", script, "predict", str(SAMPLES / "ct_small.png"), "--model", str(artifacts["onnx"]), "--out", str(tmp_path)],
+        [sys.executable, "-c", script,
+         "predict", str(SAMPLES / "ct_small.png"), "--model", str(artifacts["onnx"]), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

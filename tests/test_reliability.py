@@ -115,9 +115,11 @@ def checkpoint_cli(context, tmp_path_factory) -> dict[str, tuple]:
         case = entry.build(d, context)
         out = d / "out"
         cases[entry.name] = (case, out)
-        commands += [["info", "-c", str(case.path)],
-                     ["export", "-c", str(case.path), "-t", "onnx", "--simplify", "none", "-o", str(out / "model.onnx")]]
-    proc = subprocess.run([sys.executable, "-c", CLI_DRIVER, json.dumps(commands)], capture_output=True, text=True, timeout=600)
+        export = ["export", "-c", str(case.path), "-t", "onnx", "--simplify", "none", "-o", str(out / "model.onnx")]
+        commands += [["info", "-c", str(case.path)], export]
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_DRIVER, json.dumps(commands)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     results = [SimpleNamespace(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
     return {name: (case, results[2 * i : 2 * i + 2], out) for i, (name, (case, out)) in enumerate(cases.items())}

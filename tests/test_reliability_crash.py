@@ -22,7 +22,8 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"writer exited early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+            stderr = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"writer exited early ({proc.returncode}): {stderr}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("writer never reached the point to kill it at")
@@ -50,7 +51,9 @@ with atomic_open(sys.argv[1], "wb") as fh:
 def test_sigkill_during_atomic_write_keeps_the_old_file(tmp_path):
     final = tmp_path / "result.bin"
     final.write_bytes(b"previous complete result")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(final)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "halfway"
     temps = list(tmp_path.glob(".result.bin.*.tmp"))
     assert len(temps) == 1 and temps[0].stat().st_size >= 64 * 65536  # really mid-write
@@ -80,7 +83,10 @@ def test_sigkill_during_checkpoint_saves_leaves_a_loadable_checkpoint(tmp_path):
     source = write_checkpoint(tmp_path / "source.safetensors")
     final = tmp_path / "model.safetensors"
     for delay in (0.05, 0.3, 0.9):
-        proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(source), str(final)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVE_LOOP, str(source), str(final)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
         assert proc.stdout.readline().strip() == "loaded"
         wait_for(lambda: any(tmp_path.glob(".model.safetensors.*.tmp")), 60, proc)
         time.sleep(delay)

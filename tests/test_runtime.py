@@ -71,7 +71,7 @@ def test_predict_batch_uses_the_batch_and_matches_single_predictions(segmenters,
     for seg in (segmenters["onnxruntime"], segmenters["openvino"], fixed):
         batched = seg.predict_batch(images)
         assert len(batched) == 3
-        for image, pred, single in zip(images, batched, singles):
+        for image, pred, single in zip(images, batched, singles, strict=True):
             assert pred.mask.shape == image.shape[:2]
             assert dice(pred.mask, single.mask) == 1.0
             assert np.abs(pred.probability - single.probability).max() < 1e-4
@@ -240,7 +240,9 @@ def test_tensorrt_engine_header_is_checked_before_tensorrt_is_needed(artifacts, 
 
 
 def test_tensorrt_engine_runs_on_a_gpu(artifacts):
-    pytest.importorskip("tensorrt", reason="TensorRT needs an NVIDIA GPU and NVIDIA's package index (not on this machine)")
+    pytest.importorskip(
+        "tensorrt", reason="TensorRT needs an NVIDIA GPU and NVIDIA's package index (not on this machine)"
+    )
     pytest.importorskip("pycuda", reason="pycuda needs CUDA (not on this machine)")
     engine = artifacts["onnx"].with_suffix(".engine")
     if not engine.is_file():

@@ -44,10 +44,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], capture_output=True, text=True, env=env, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single"), "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "ddp"), "1"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path / "ddp"), "1"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-2000:]

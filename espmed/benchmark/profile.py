@@ -62,7 +62,7 @@ def profile_openvino(xml: str | Path, threads: int | None = None, precision: str
                 samples[(info.node_name, info.node_type, info.exec_type)].append(info.real_time.total_seconds() * 1e3)
     per_node = {key: float(np.median(v)) for key, v in samples.items()}
     total = sum(per_node.values())
-    groups: dict[str, dict[str, float]] = {"part": defaultdict(float), "block_role": defaultdict(float), "kernel": defaultdict(float), "op": defaultdict(float)}
+    groups: dict[str, dict[str, float]] = {key: defaultdict(float) for key in ("part", "block_role", "kernel", "op")}
     for (name, node_type, exec_type), ms in per_node.items():
         module = module_of(name)
         groups["part"][part_of(module)] += ms
@@ -82,7 +82,10 @@ def profile_openvino(xml: str | Path, threads: int | None = None, precision: str
 
 def format_profile(prof: dict, top: int = 8) -> str:
     total = prof["total_ms"]
-    lines = [f"{prof['artifact']} ({prof['precision']}, {prof['threads']} threads): {total:.0f} ms summed over executed nodes"]
+    lines = [
+        f"{prof['artifact']} ({prof['precision']}, {prof['threads']} threads): "
+        f"{total:.0f} ms summed over executed nodes"
+    ]
     for group, values in prof["groups"].items():
         lines.append(f"  by {group}:")
         for name, ms in list(values.items())[:top]:

@@ -142,7 +142,11 @@ def write_chart(report: BenchReport, path: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("latency p50, ms (log scale, batch 1)")
     ax.set_ylabel("min per-image mask Dice vs torch FP32")
-    ax.set_title(f"espmed bench: {m['preset']} {m['image_size']}px, {report.options['threads']} threads, {report.host['cpu']['model']}", fontsize=9)
+    ax.set_title(
+        f"espmed bench: {m['preset']} {m['image_size']}px, {report.options['threads']} threads, "
+        f"{report.host['cpu']['model']}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     low = min(d for _, _, d in points)
     ax.set_ylim(min(low - 0.01, 0.98), 1.002)

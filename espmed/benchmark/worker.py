@@ -72,7 +72,7 @@ def measure(spec: dict, t0: float) -> dict:
 
     images = [read_frame(s["image"]) for s in samples]
     logits, e2e = {}, []
-    for s, image in zip(samples, images):
+    for s, image in zip(samples, images, strict=True):
         t = time.perf_counter()
         pred = seg.predict(image, return_logits=True)
         e2e.append((time.perf_counter() - t) * 1e3)

@@ -30,4 +30,5 @@ def register(app: typer.Typer) -> None:
                 raise CheckpointError("to merge several release files, give each as MODALITY=FILE")
             model = merge_release_checkpoints({m: p for m, p in pairs}, imgsz)
         save_checkpoint(model, out)
-        typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; controllers for {', '.join(model.available_modalities)})")
+        controllers = ", ".join(model.available_modalities)
+        typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; controllers for {controllers})")

@@ -119,7 +119,9 @@ class SegmentationDataset(Dataset):
             "modality": torch.tensor(self.modalities.index(item.sample.modality)),
         }
 
-    def _augment(self, item: TrainItem, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(
+        self, item: TrainItem, image: np.ndarray, mask: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         if item.crop not in self._augmenters:
             self._augmenters[item.crop] = build_augmentation(item.crop)
         transform = self._augmenters[item.crop]

@@ -68,7 +68,12 @@ def nuclei_samples(split: str, modality: str = "microscopy") -> list[Sample]:
         return [Sample("dsb2018_left", image[:, :256].copy(), mask[:, :256].copy(), modality)]
     r0 = 0 if split == "valid" else 256
     return [
-        Sample(f"dsb2018_{split}_r{r}_c{c}", image[r : r + 128, c : c + 128].copy(), mask[r : r + 128, c : c + 128].copy(), modality)
+        Sample(
+            f"dsb2018_{split}_r{r}_c{c}",
+            image[r : r + 128, c : c + 128].copy(),
+            mask[r : r + 128, c : c + 128].copy(),
+            modality,
+        )
         for r in (r0, r0 + 128)
         for c in (256, 384)
     ]

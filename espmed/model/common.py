@@ -51,7 +51,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim])
+            nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim], strict=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,9 @@ class QueryDecoupledModalityDecoder(nn.Module):
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         return hs, upscaled
 
-    def query_masks(self, query_out: torch.Tensor, upscaled: torch.Tensor, hypernetwork: int | torch.Tensor) -> torch.Tensor:
+    def query_masks(
+        self, query_out: torch.Tensor, upscaled: torch.Tensor, hypernetwork: int | torch.Tensor
+    ) -> torch.Tensor:
         """Mask logits (B, 1, H', W') from one query output per sample (B, D)."""
         if isinstance(hypernetwork, int):
             weights = self.hypernetworks[hypernetwork](query_out)

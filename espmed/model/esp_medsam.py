@@ -60,7 +60,9 @@ class ESPMedSAM(nn.Module):
         )
 
     # -- modality handling -------------------------------------------------------------------
-    def _resolve(self, modality: Modality, batch: int) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    def _resolve(
+        self, modality: Modality, batch: int
+    ) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
         """(controller, query, hypernetwork) indices: ints for a one-modality batch, else (B,) tensors."""
         cfg = self.config
         if isinstance(modality, (int, str)):
@@ -85,7 +87,7 @@ class ESPMedSAM(nn.Module):
     def _controller_of(self, idx: int) -> int:
         ctrl = self.config.controller_map[idx]
         if ctrl < 0:
-            have = [m for m, k in zip(self.config.modalities, self.config.controller_map) if k >= 0]
+            have = [m for m, k in zip(self.config.modalities, self.config.controller_map, strict=True) if k >= 0]
             raise ModalityError(
                 f"this model has no modality controller for {self.config.modalities[idx]!r}; "
                 f"it has controllers for {', '.join(have)}"
@@ -94,7 +96,7 @@ class ESPMedSAM(nn.Module):
 
     @property
     def available_modalities(self) -> tuple[str, ...]:
-        return tuple(m for m, k in zip(self.config.modalities, self.config.controller_map) if k >= 0)
+        return tuple(m for m, k in zip(self.config.modalities, self.config.controller_map, strict=True) if k >= 0)
 
     # -- forward -----------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ def parameter_table(model: ESPMedSAM) -> dict[str, int]:
         "neck": _count(model.neck.parameters()),
     }
     owners: dict[int, list[str]] = {}
-    for name, ctrl in zip(cfg.modalities, cfg.controller_map):
+    for name, ctrl in zip(cfg.modalities, cfg.controller_map, strict=True):
         if ctrl >= 0:
             owners.setdefault(ctrl, []).append(name)
     for ctrl in range(cfg.num_controllers):

@@ -134,7 +134,11 @@ class TinyViTBlock(nn.Module):
         self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
         self.mlp = ExpertMLP(dim, int(dim * mlp_ratio))
         self.controllers = ControllerBank(
-            num_controllers=num_controllers, dim=dim, num_heads=num_heads, head_dim=dim // num_heads, mlp_ratio=mlp_ratio
+            num_controllers=num_controllers,
+            dim=dim,
+            num_heads=num_heads,
+            head_dim=dim // num_heads,
+            mlp_ratio=mlp_ratio,
         )
 
     def forward(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ class RunConfig:
     base_dir: Path = Path(".")  # folder of the config file: relative dataset paths start here
 
     def with_train(self, **changes) -> RunConfig:
-        return dataclasses.replace(self, train=_build(TrainSettings, {**dataclasses.asdict(self.train), **changes}, "train"))
+        train = _build(TrainSettings, {**dataclasses.asdict(self.train), **changes}, "train")
+        return dataclasses.replace(self, train=train)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

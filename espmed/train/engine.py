@@ -135,7 +135,9 @@ def set_trainable(model: ESPMedSAM, parts: Sequence[str]) -> list[nn.Parameter]:
     return params
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, t: TrainSettings, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LR factor: linear warmup, then cosine to `min_lr_ratio` or `gamma` per epoch."""
     total = max(1, t.epochs * steps_per_epoch)
 
@@ -316,7 +318,9 @@ def _train(cfg, train_items, valid_samples, resume, show_progress, model) -> dic
     started = time.monotonic()
     losses = _loop(run, valid_samples, show_progress, started)
     if not valid_samples and run.info.is_main:
-        save_checkpoint(run.model, run.run_dir / "model.safetensors", {"espmed.train.step": str(run.progress.global_step)})
+        save_checkpoint(
+            run.model, run.run_dir / "model.safetensors", {"espmed.train.step": str(run.progress.global_step)}
+        )
     return {
         "steps": run.progress.global_step,
         "epochs_completed": run.progress.epoch,
@@ -339,7 +343,9 @@ def _setup(cfg: RunConfig, train_items, resume: bool, model: ESPMedSAM | None) -
     model = (model if model is not None else build_model(cfg)).to(device)
     params = set_trainable(model, t.trainable)
     mc = model.config
-    dataset = SegmentationDataset(train_items, mc.modalities, mc.image_size, mc.preprocessing.mean, mc.preprocessing.std)
+    dataset = SegmentationDataset(
+        train_items, mc.modalities, mc.image_size, mc.preprocessing.mean, mc.preprocessing.std
+    )
     sampler = EpochSampler(len(dataset), t.batch_size, t.grad_accum, info.world, info.rank, t.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, drop_last=True,
@@ -402,7 +408,8 @@ def _loop(run: _Run, valid_samples, show_progress: bool, started: float) -> list
                 step_loss = _logged_step(run, batches, started)
                 losses.append(step_loss)
                 if bar:
-                    bar.update(task, advance=1, description=f"epoch {progress.epoch + 1}/{t.epochs} loss {step_loss:.4f}")
+                    description = f"epoch {progress.epoch + 1}/{t.epochs} loss {step_loss:.4f}"
+                    bar.update(task, advance=1, description=description)
                 epoch_done = progress.step_in_epoch == run.sampler.steps_per_epoch
                 if epoch_done:
                     progress.epoch += 1
@@ -466,11 +473,13 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, dict[str, float]]:
         values = torch.tensor([total] + [parts_sum[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(values)
         values /= dist.get_world_size()
-        total, parts_sum = float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
+        total, parts_sum = float(values[0]), {k: float(v) for k, v in zip(keys, values[1:], strict=True)}
     return total, parts_sum
 
 
-def _validate(model, samples, progress: RunProgress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int) -> None:
+def _validate(
+    model, samples, progress: RunProgress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int
+) -> None:
     if info.is_main:
         per_modality = mean_dice_by_modality(model, samples, batch_size)
         mean = float(np.mean(list(per_modality.values())))
@@ -481,7 +490,9 @@ def _validate(model, samples, progress: RunProgress, run_dir: Path, log: JsonlLo
                 "espmed.train.step": str(progress.global_step),
                 "espmed.train.valid_dice": json.dumps(per_modality),
             })
-        log.write({"event": "valid", "step": progress.global_step, "dice": per_modality, "mean_dice": mean, "best": improved})
+        log.write({
+            "event": "valid", "step": progress.global_step, "dice": per_modality, "mean_dice": mean, "best": improved
+        })
     if info.world > 1:
         best = [progress.best_dice, float(progress.best_step)]
         dist.broadcast_object_list(best, src=0)

@@ -41,10 +41,10 @@ def predict_logits(model: ESPMedSAM, samples: Sequence[Sample], batch_size: int 
                 inputs, boxes = zip(*(
                     preprocess(samples[i].image, cfg.image_size, cfg.preprocessing.mean, cfg.preprocessing.std)
                     for i in chunk
-                ))
+                ), strict=True)
                 x = torch.from_numpy(np.stack(inputs)).to(device)
                 lowres = model(x, modality).lowres_masks.float().cpu().numpy()
-                for i, low, box in zip(chunk, lowres, boxes):
+                for i, low, box in zip(chunk, lowres, boxes, strict=True):
                     out[i] = restore_logits(low[0], box)
     finally:
         model.train(was_training)
@@ -55,7 +55,7 @@ def mean_dice_by_modality(model: ESPMedSAM, samples: Sequence[Sample], batch_siz
     """Mean Dice per modality (validation during training: Dice only, fast)."""
     threshold = model.config.preprocessing.mask_threshold
     scores: dict[str, list[float]] = defaultdict(list)
-    for s, logits in zip(samples, predict_logits(model, samples, batch_size)):
+    for s, logits in zip(samples, predict_logits(model, samples, batch_size), strict=True):
         scores[s.modality].append(dice(mask_from_logits(logits, threshold), s.mask))
     return {m: float(np.mean(v)) for m, v in scores.items()}
 
@@ -100,7 +100,7 @@ def evaluate(
     threshold = model.config.preprocessing.mask_threshold
     logits = predict_logits(model, samples, batch_size)
     rows = []
-    iterator = zip(samples, logits)
+    iterator = zip(samples, logits, strict=True)
     if progress:
         from rich.progress import track
 
