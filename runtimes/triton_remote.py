@@ -70,7 +70,7 @@ class TritonSegmenter(Segmenter):
         self.address, self.model_name, self.model_version = parse_url(url)
         self.timeout_s = timeout_s
         self._grpc = _tritonclient()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _connect holds it while a failed call in _ask drops the client
         self._client = None
         self._config = None
         self._connect()

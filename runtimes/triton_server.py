@@ -12,6 +12,7 @@ Torch-free; for a GPU server use NVIDIA's Triton container instead (README).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -106,7 +107,9 @@ class LocalTritonServer:
             str(_wheel_file("pytriton/tritonserver/bin/tritonserver")), "--model-repository", str(self.repository),
             "--backend-directory", str(self._backends), "--http-address", h, "--grpc-address", h,
             "--metrics-address", h, "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-            "--metrics-port", str(self.metrics_port), "--exit-timeout-secs", "5", "--strict-readiness", "true",
+            "--metrics-port", str(self.metrics_port), "--exit-timeout-secs", "5",
+            # A model that fails to load is reported by `models()` and to clients, not fatal to the others.
+            "--exit-on-error", "false", "--strict-readiness", "false",
         ]
 
     def _env(self) -> dict[str, str]:
@@ -120,7 +123,7 @@ class LocalTritonServer:
         return env
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalTritonServer:
-        """Start the process and wait until the server and every model are ready."""
+        """Start the process and wait until it serves (every model loaded, or failed: see `models()`)."""
         if self.process is not None and self.process.poll() is None:
             return self
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes it for its lifetime
@@ -145,6 +148,12 @@ class LocalTritonServer:
             time.sleep(0.25)
         self.stop()
         raise BackendUnavailableError(f"tritonserver not ready after {timeout_s:.0f} s: {self.last_error()}")
+
+    def models(self) -> list[dict]:
+        """The repository index: one {name, version, state, reason} per model version."""
+        request = urllib.request.Request(f"http://{self.host}:{self.http_port}/v2/repository/index", data=b"{}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
 
     def last_error(self) -> str:
         """The server log's last error line (or last line)."""
@@ -193,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except EspmedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    models = sorted(p.name for p in server.repository.iterdir() if (p / "config.pbtxt").is_file())
-    print(f"serving {server.repository} ({', '.join(models)}) at {server.url}/MODEL (log {server.log_path})")
-    print("Ctrl-C stops it")
+    print(f"serving {server.repository} (log {server.log_path}); Ctrl-C stops it")
+    for m in server.models():
+        print(f"  {server.url}/{m['name']}  {m.get('state', '?')} {m.get('reason', '')}".rstrip())
     try:
         server.process.wait()
     except KeyboardInterrupt:

@@ -42,7 +42,7 @@ DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_WORKER_TIMEOUT_S = 1800
 RANDOM_WEIGHTS_NOTE = (
-    "no --checkpoint: seeded random weights, so the accuracy columns measure agreement with "
+    "--random-weights: seeded random weights, so the accuracy columns measure agreement with "
     "torch FP32, not clinical accuracy"
 )
 
@@ -102,6 +102,10 @@ def unavailable_reason(row: Format, host: dict) -> str | None:
 
     if importlib.util.find_spec(row.module) is None:
         return f"{row.module} is not installed"
+    if row.backend == "triton":  # measured through a local server started for it
+        from ..runtimes.triton_server import missing
+
+        return missing()
     return None
 
 
@@ -217,7 +221,6 @@ def _calib_sha(data: Path | None) -> str:
 def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
     """(artifact, reused, seconds): the cached export of `target` when its record matches, else a new one."""
     from espmed.export import export
-    from espmed.runtimes.manifest import verify_manifest
 
     from .machine import library_versions
 
@@ -240,7 +243,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
             artifact = Path(record["artifact"])
-            if record["key"] == key and artifact.is_file() and verify_manifest(artifact) is not None:
+            if record["key"] == key and _still_valid(artifact):
                 return artifact, True, record["export_s"]
         except (ValueError, KeyError, EspmedError):
             pass
@@ -261,6 +264,16 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
     seconds = time.perf_counter() - t
     write_text(record_path, json.dumps({"key": key, "artifact": str(result.artifact), "export_s": seconds}, indent=2))
     return Path(result.artifact), False, seconds
+
+
+def _still_valid(artifact: Path) -> bool:
+    """A cached export still matches its manifest (a folder: the Triton repositories' manifest)."""
+    from espmed.runtimes.manifest import verify_manifest
+    from espmed.runtimes.triton_repository import verify_repository
+
+    if artifact.is_dir():
+        return bool(verify_repository(artifact))
+    return artifact.is_file() and verify_manifest(artifact) is not None
 
 
 def _exporter_source_sha256() -> str:
@@ -289,6 +302,8 @@ def artifact_files(artifact: Path) -> list[Path]:
     """The files of an artifact: those its manifest lists, else the file itself."""
     from espmed.runtimes.manifest import manifest_path
 
+    if artifact.is_dir():  # a folder artifact (Triton repositories)
+        return sorted(p for p in artifact.rglob("*") if p.is_file())
     mp = manifest_path(artifact)
     if mp.is_file():
         try:
@@ -465,8 +480,14 @@ def _measure_row(run: _Run, row: Format, host: dict) -> dict:
         export_reused=reused,
     )
     run.step(f"{row.name}: measure")
-    spec = _worker_spec(run, row, artifact)
-    measured = run.worker(spec)
+    try:
+        with _served(row, artifact) as where:
+            spec = _worker_spec(run, row, where)
+            measured = run.worker(spec)
+    except EspmedError as exc:
+        rec.update(status="failed", reason=f"server failed: {_one_line(exc)}")
+        run.step(f"{row.name}: server failed")
+        return rec
     measured.pop("traceback", None)
     rec.update(measured)
     if rec["status"] == "ok" and row.backend == "openvino":
@@ -488,7 +509,21 @@ def _row_artifact(run: _Run, row: Format) -> tuple[Path, bool, float | None] | E
     return run.exports[target]
 
 
-def _worker_spec(run: _Run, row: Format, artifact: Path) -> dict:
+@contextlib.contextmanager
+def _served(row: Format, artifact: Path):
+    """Where the worker loads `artifact`: the artifact, or for a served row (Triton) the URL of its
+    model on a local server started for the measurement (the worker is its only client)."""
+    if row.scheme is None:
+        yield artifact
+        return
+    from ..runtimes.triton_server import LocalTritonServer
+
+    model = json.loads((artifact / row.marker).read_text(encoding="utf-8"))["triton"]["model"]
+    with LocalTritonServer(artifact) as server:
+        yield f"{server.url}/{model}"
+
+
+def _worker_spec(run: _Run, row: Format, artifact: Path | str) -> dict:
     return {
         "name": row.name,
         "mode": "full",
