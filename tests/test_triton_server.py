@@ -192,6 +192,20 @@ def test_a_model_whose_config_does_not_match_its_metadata_is_refused(server):
         load(f"{server.url}/nope")
 
 
+def test_bench_measures_the_triton_row_through_a_local_server(artifacts, tmp_path):
+    from espmed.benchmark import harness
+
+    opts = harness.BenchOptions(
+        checkpoint=artifacts["checkpoint"], modality="brain", targets="triton", runs=3, warmup=1, out=tmp_path
+    )
+    rows = {r["name"]: r for r in harness.run_benchmark(opts, log=lambda text: None).rows}
+    triton = rows["triton"]
+    assert triton["status"] == "ok", triton.get("reason")
+    assert triton["runtime"]["backend"] == "triton" and triton["runtime"]["target"] == "onnx"
+    assert triton["vs_fp32"]["dice_min"] >= 0.999 and triton["latency_ms"]["p50"] > 0
+    assert harness._still_valid(Path(triton["artifact"]))  # the cached repositories are reused next time
+
+
 def test_predict_cli_through_triton(server, local, tmp_path):
     from espmed.cli import app
 
