@@ -54,9 +54,15 @@ def closed_loop(segmenter, images: list[np.ndarray], *, clients: int, requests: 
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
-    lat = np.asarray(latencies)
+    return {"clients": clients, "seconds": seconds, "latencies_ms": latencies}
+
+
+def combined(measured: list[dict]) -> dict:
+    """One row from several closed-loop rounds: images/s over their total time, latency percentiles."""
+    lat = np.asarray([v for m in measured for v in m["latencies_ms"]])
+    seconds = sum(m["seconds"] for m in measured)
     return {
-        "clients": clients,
+        "clients": measured[0]["clients"],
         "requests": len(lat),
         "seconds": round(seconds, 2),
         "images_per_s": round(len(lat) / seconds, 2),
@@ -73,7 +79,9 @@ def server_counts(metrics_url: str, model: str) -> tuple[float, float]:
     return float(found["nv_inference_count"]), float(found["nv_inference_exec_count"])
 
 
-def run(images: list[np.ndarray], *, requests: int, warmup: int, folder: Path) -> dict:
+def run(images: list[np.ndarray], *, requests: int, warmup: int, rounds: int, folder: Path) -> dict:
+    """Local and Triton measured in alternation, `rounds` times per client count, so that a change in
+    the machine's load during the run falls on both sides alike."""
     from espmed.export import export
     from espmed.runtimes import load
     from espmed.runtimes.triton_server import LocalTritonServer
@@ -81,24 +89,25 @@ def run(images: list[np.ndarray], *, requests: int, warmup: int, folder: Path) -
     onnx = tiny_onnx(folder)
     local = load(onnx)
     repository = export(onnx, "triton", folder / "triton", triton_max_batch=8).artifact
-    model = json.loads((repository / "espmed-triton.manifest.json").read_text())["triton"]["model"]
+    settings = json.loads((repository / "espmed-triton.manifest.json").read_text())["triton"]
+    model = settings["model"]
     rows = []
-    for im in images[:warmup]:
-        local.predict(im)
-    for n in CLIENTS:
-        rows.append({"side": "local", **closed_loop(local, images, clients=n, requests=requests)})
-    del local
     with LocalTritonServer(repository) as server:
         remote = load(f"{server.url}/{model}")
         for im in images[:warmup]:
+            local.predict(im)
             remote.predict(im)
         for n in CLIENTS:
+            parts: dict[str, list[dict]] = {"local": [], "triton": []}
             before = server_counts(server.metrics_url, model)
-            row = {"side": "triton", **closed_loop(remote, images, clients=n, requests=requests)}
+            for _ in range(rounds):
+                parts["local"].append(closed_loop(local, images, clients=n, requests=requests))
+                parts["triton"].append(closed_loop(remote, images, clients=n, requests=requests))
             after = server_counts(server.metrics_url, model)
-            row["mean_server_batch"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)
-            rows.append(row)
-    return {"rows": rows, "input_size": load(onnx).input_size}
+            for side, measured in parts.items():
+                rows.append({"side": side, **combined(measured)})
+            rows[-1]["mean_server_batch"] = round((after[0] - before[0]) / max(1.0, after[1] - before[1]), 2)
+    return {"rows": rows, "input_size": local.input_size, "triton": settings}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -117,7 +126,8 @@ def markdown(result: dict) -> str:
         "# Triton (dynamic batching) vs one local runtime",
         "",
         f"{result['model']}; {len(result['images'])} bundled sample images ({', '.join(result['images'])}), "
-        f"{result['requests_per_client']} requests per client, closed loop. Backend on both sides: ONNX Runtime "
+        f"{result['requests_per_client']} requests per client and round, {result['rounds']} rounds alternating "
+        "local and Triton, closed loop. Backend on both sides: ONNX Runtime "
         "(Triton: the exported Python-backend repository, whose model.py runs espmed.runtimes' ONNX Runtime "
         f"Segmenter). {result['machine']['cpus']} CPU cores shared by the server and the clients; 1-min load "
         f"average {result['load_average'][0]:.1f} before, {result['load_average'][1]:.1f} after.",
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=24, help="requests per client")
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating local/Triton rounds per client count")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -172,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     images = sample_images()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        measured = run(images, requests=args.requests, warmup=args.warmup, folder=Path(tmp))
+        measured = run(images, requests=args.requests, warmup=args.warmup, rounds=args.rounds, folder=Path(tmp))
     result = {
         "model": f"esp-medsam-tiny random weights, ONNX (dynamic batch), {measured['input_size']} px",
         "images": [f"{im.shape[1]}x{im.shape[0]}" for im in images],
         "requests_per_client": args.requests,
-        "triton": {"max_batch_size": 8, "preferred_batch_size": [4, 8], "max_queue_delay_us": 2000, "instances": 1},
+        "rounds": args.rounds,
+        "triton": measured["triton"],
         "rows": measured["rows"],
         "summary": summary(measured["rows"]),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -52,7 +52,7 @@ NATIVE = {
 DEFAULT_MAX_BATCH = 8
 DEFAULT_INSTANCES = 1
 #: How long the dynamic batcher waits for more requests before running a smaller batch.
-QUEUE_DELAY_US = 2000
+QUEUE_DELAY_US = 1000
 
 
 def export_repository(
