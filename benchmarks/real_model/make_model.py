@@ -7,11 +7,14 @@
 Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real_model/results/):
   init     `init_from_litemedsam` (binomial taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
            so the decoder starts from LiteMedSAM's prompt-free state; held-out cosine at 1024².
-  stage1   shared trunk + neck distilled at 512² (teacher 128²) on every `configs/real-distill.toml`
-           [[data.train]] image, then `--finish-epochs` at 1024² (teacher 256²); images of modalities
-           the model ships no controller for pass through a neutral controller (controller 0).
+  stage1   shared trunk + neck distilled at 1024² (teacher 256²) on every `configs/real-distill.toml`
+           [[data.train]] image (optionally `--epochs-512` first at 512², teacher 128²); images of
+           modalities the model ships no controller for pass through a neutral controller (controller
+           0). BatchNorm statistics stay LiteMedSAM's (eval mode; affine parameters train). Measured
+           here (results/README.md): BatchNorm statistics updated from batches of 2, lr 1e-4 or any
+           512² epochs lower the held-out 1024² cosine well below the initialisation's.
   stage2   K/V logit bias -30 -> -6 (at -30 its gradients are ~1e-17), then each shipped controller
-           distilled on its own modality's images, trunk frozen.
+           distilled at 1024² on its own modality's images, trunk frozen.
   stage3   segmentation (`configs/real-segment.toml`: controllers, SPPG, decoder; trunk and neck frozen,
            BatchNorm statistics frozen too) on real masks at 512².
   eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
@@ -164,17 +167,19 @@ def stage_distill(args, stage: str) -> None:
     cfg = load_config(DISTILL_CONFIG)
     d = cfg.distill
     previous = "init" if stage == "stage1" else "stage1"
-    model = load_checkpoint(_checkpoint(previous))
+    model = load_checkpoint(args.start or _checkpoint(previous))
     mods = model.config.modalities
     train = _samples(cfg, "train")
     fit = dict(batch_size=args.batch_size, lr=d.lr, gamma=d.gamma, cosine_weight=d.cosine_weight,
                amp=cfg.train.amp, seed=cfg.train.seed, show_progress=False)
     runs, started = [], time.monotonic()
     if stage == "stage1":
-        plan = [(cfg.model.image_size, args.epochs or d.stage1_epochs, "512")]
-        if args.finish_epochs:
-            plan.append((EVAL_SIZE, args.finish_epochs, "1024"))
+        epochs_1024 = d.stage1_epochs if args.epochs is None else args.epochs
+        plan = [(cfg.model.image_size, args.epochs_512, "512"), (EVAL_SIZE, epochs_1024, "1024")]
+        _freeze_batchnorm(model)  # batches of 2-4 images: keep LiteMedSAM's BatchNorm statistics
         for size, epochs, tag in plan:
+            if not epochs:
+                continue
             model.config = model.config.with_(image_size=size)
             t0 = time.monotonic()
             result = distill(model, _routed(train, mods), stage1_teacher=_teacher(size), stage1_epochs=epochs,
@@ -182,18 +187,20 @@ def stage_distill(args, stage: str) -> None:
             runs.append({"image_size": size, "epochs": epochs, "images": len(train),
                          "seconds": round(time.monotonic() - t0, 1), "loss": result["stage1"],
                          "cosine_train": result["stage1_cosine"],
-                         "steps": epochs * (len(train) // args.batch_size)})
+                         "steps": epochs * -(-len(train) // args.batch_size)})
             shutil.copyfile(RUNS / stage / tag / "metrics.jsonl", RESULTS / f"stage1-{tag}.metrics.jsonl")
+            _write(f"stage1-{tag}", runs[-1])
     else:
         for bank in model.controller_banks():
             for slot in bank.slots:
                 slot.kv_logit_bias.data.fill_(STAGE2_KV_BIAS)
-        model.config = model.config.with_(image_size=cfg.model.image_size)
+        model.config = model.config.with_(image_size=EVAL_SIZE)
         shipped = [s for s in train if s.modality in mods]
         t0 = time.monotonic()
-        result = distill(model, shipped, stage2_teacher=_teacher(cfg.model.image_size),
-                         stage2_epochs=args.epochs or d.stage2_epochs, out_dir=RUNS / stage, **fit)
-        runs.append({"image_size": cfg.model.image_size, "images": len(shipped),
+        result = distill(model, shipped, stage2_teacher=_teacher(EVAL_SIZE),
+                         stage2_epochs=d.stage2_epochs if args.epochs is None else args.epochs,
+                         out_dir=RUNS / stage, **fit)
+        runs.append({"image_size": EVAL_SIZE, "images": len(shipped),
                      "seconds": round(time.monotonic() - t0, 1),
                      **{k: v for k, v in result.items() if k.startswith("stage2/")}})
         shutil.copyfile(RUNS / stage / "metrics.jsonl", RESULTS / "stage2.metrics.jsonl")
@@ -228,10 +235,10 @@ def stage_segment(args) -> None:
 
     cfg = load_config(SEGMENT_CONFIG)
     changes = {"out_dir": str(RUNS / "stage3")}
-    if args.epochs:
+    if args.epochs is not None:
         changes["epochs"] = args.epochs
     cfg = cfg.with_train(**changes)
-    model = load_checkpoint(_checkpoint("stage2"))
+    model = load_checkpoint(args.start or _checkpoint("stage2"))
     model.config = model.config.with_(image_size=cfg.model.image_size)
     if "trunk" not in cfg.train.trainable:
         _freeze_batchnorm(model.trunk)
@@ -305,14 +312,98 @@ def stage_ship(args) -> None:
     result["cosine"] = held_out_cosine(shipped, _samples(load_config(DISTILL_CONFIG), "test"),
                                        neutral_for_unshipped=False)
     result["file"] = {"path": str(out.relative_to(REPO)), "bytes": out.stat().st_size, "sha256": file_sha256(out)}
+    from espmed.model.summary import parameter_table
+
+    result["parameters"] = parameter_table(shipped)
     _write("ship", result)
+
+
+# -- reports -----------------------------------------------------------------------------------
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cosine_table() -> list[str]:
+    """Held-out cosine per modality after each stage that has run."""
+    stages = {n: r for n in ("init", "stage1", "stage2", "ship") if (r := _load(n))}
+    cols = {n: r["cosine"]["per_modality"] for n, r in stages.items()}
+    if "stage2" in stages:
+        cols["stage2 (shared trunk, neutral controllers)"] = stages["stage2"]["cosine"]["shared_trunk_neutral"][
+            "per_modality"]
+    modalities = list(dict.fromkeys(m for c in cols.values() for m in c))
+    lines = ["| modality | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m in modalities:
+        lines.append(f"| {m} | " + " | ".join(f"{c[m]:.4f}" if m in c else "–" for c in cols.values()) + " |")
+    return lines
+
+
+def metrics_table(result: dict) -> list[str]:
+    lines = ["| modality | held-out volume / image | slices | truth px | Dice (pooled) | Dice (mean/slice) | IoU "
+             "| HD95 (px) | NSD (2 px) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in result["per_volume"]:
+        lines.append(f"| {v['modality']} | {v['volume_or_image']} | {v['slices']} | {v['truth_pixels']:,} | "
+                     f"{v['dice_pooled']:.4f} | {v['dice_mean']:.4f} | {v['iou_mean']:.4f} | {v['hd95_mean']:.2f} | "
+                     f"{v['nsd_mean']:.4f} |")
+    return lines
+
+
+def write_reports() -> None:
+    """benchmarks/real_model/results/README.md from the stages' JSON; the model card when shipped."""
+    from espmed.atomic import write_text
+
+    lines = ["# The real ESP-MedSAM: stage results", "",
+             "`python benchmarks/real_model/make_model.py STAGE`; JSON and JSONL logs beside this file.", "",
+             "## Held-out teacher cosine (student 1024² vs LiteMedSAM 256²)", "", *cosine_table(), ""]
+    if exps := _load("stage1-experiments"):
+        lines += ["## Stage-1 variants (held-out cosine at 1024²)", "", exps["what"] + ".", ""]
+        mods = list(exps["experiments"][0]["cosine"])
+        lines += ["| variant | " + " | ".join(mods) + " |", "|---|" + "---:|" * len(mods)]
+        lines += [f"| {e['name']} | " + " | ".join(f"{e['cosine'][m]:.4f}" for m in mods) + " |"
+                  for e in exps["experiments"]]
+        lines.append("")
+    for stage in ("stage1", "stage2", "stage3"):
+        r = _load(stage)
+        if r:
+            lines.append(f"- {stage}: {r['seconds']:.0f} s on {r['machine']['where']}, {r['machine']['cpu']}, "
+                         f"{r['machine']['threads']} threads" + _cost(r))
+    for name in ("eval", "ship"):
+        r = _load(name)
+        if r:
+            lines += ["", f"## Held-out segmentation at 1024² ({name})", "", *metrics_table(r)]
+    write_text(RESULTS / "README.md", "\n".join(lines) + "\n")
+    ship = _load("ship")
+    if ship:
+        card = (Path(__file__).with_name("MODEL_CARD.template.md")).read_text()
+        card = card.replace("{{FILE}}", f"`{Path(ship['file']['path']).name}`, {ship['file']['bytes']:,} bytes, "
+                            f"sha256 `{ship['file']['sha256']}`")
+        card = card.replace("{{COSINE}}", "\n".join(cosine_table()))
+        card = card.replace("{{METRICS}}", "\n".join(metrics_table(ship)))
+        card = card.replace("{{PARAMETERS}}", "\n".join(
+            ["| part | parameters |", "|---|---:|"] + [f"| {k} | {v:,} |" for k, v in ship["parameters"].items()]))
+        card = card.replace("{{INIT}}", "\n".join(
+            ["| part | values | from LiteMedSAM | set neutral |", "|---|---:|---:|---:|"]
+            + [f"| {k} | {v['values']:,} | {v['from_litemedsam']:,} | {v['neutral']:,} |"
+               for k, v in _load("init")["init"].items()]))
+        card = card.replace("{{STAGES}}", "\n".join(
+            f"- {s}: {r['seconds']:.0f} s, {r['machine']['where']}" + _cost(r)
+            for s in ("stage1", "stage2", "stage3") if (r := _load(s))))
+        write_text((REPO / ship["file"]["path"]).with_name("MODEL_CARD.md"), card)
+
+
+def _cost(result: dict) -> str:
+    steps = result.get("steps") or sum(r.get("steps", 0) for r in result.get("runs", []))
+    return f"; {steps} optimizer steps, {100 * result['seconds'] / steps:.0f} s per 100 steps" if steps else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=(*STAGES, "all"))
-    parser.add_argument("--epochs", type=int, default=0, help="override the stage's epochs (stage1: at 512²)")
-    parser.add_argument("--finish-epochs", type=int, default=1, help="stage1: epochs at 1024² after 512²")
+    parser.add_argument("--epochs", type=int, default=None, help="override the stage's epochs (stage1: at 1024²)")
+    parser.add_argument("--epochs-512", type=int, default=0,
+                        help="stage1: epochs at 512² (teacher 128²) before 1024²; default 0: they lower 1024² cosine")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="stage1/2/3: start from this checkpoint instead of the previous stage's output")
     parser.add_argument("--batch-size", type=int, default=4, help="distillation batch size")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -326,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES if args.stage == "all" else (args.stage,):
         started = time.monotonic()
         run[stage](args)
+        write_reports()
         print(f"{stage}: {time.monotonic() - started:.0f} s", flush=True)
     return 0
 
