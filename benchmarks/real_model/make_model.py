@@ -181,6 +181,7 @@ def stage_distill(args, stage: str) -> None:
             if not epochs:
                 continue
             model.config = model.config.with_(image_size=size)
+            shutil.rmtree(RUNS / stage / tag, ignore_errors=True)  # a fresh log: JsonlLog appends
             t0 = time.monotonic()
             result = distill(model, _routed(train, mods), stage1_teacher=_teacher(size), stage1_epochs=epochs,
                              out_dir=RUNS / stage / tag, **fit)
@@ -196,6 +197,7 @@ def stage_distill(args, stage: str) -> None:
                 slot.kv_logit_bias.data.fill_(STAGE2_KV_BIAS)
         model.config = model.config.with_(image_size=EVAL_SIZE)
         shipped = [s for s in train if s.modality in mods]
+        shutil.rmtree(RUNS / stage, ignore_errors=True)
         t0 = time.monotonic()
         result = distill(model, shipped, stage2_teacher=_teacher(EVAL_SIZE),
                          stage2_epochs=d.stage2_epochs if args.epochs is None else args.epochs,
@@ -243,6 +245,7 @@ def stage_segment(args) -> None:
     if "trunk" not in cfg.train.trainable:
         _freeze_batchnorm(model.trunk)
     items = [i for spec in cfg.data["train"] for i in train_items(spec, cfg.base_dir)]
+    shutil.rmtree(RUNS / "stage3", ignore_errors=True)  # a fresh run, not a resume
     started = time.monotonic()
     summary = train(cfg, items, [], show_progress=False, model=model)
     _keep_log("stage3")
