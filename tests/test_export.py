@@ -89,9 +89,12 @@ def _sample_inputs(n: int) -> np.ndarray:
 def test_target_table_lists_every_format_once():
     assert list(TARGETS) == [
         "onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-fp16", "openvino-int8",
-        "trt-fp32", "trt-fp16", "trt-int8",
+        "trt-fp32", "trt-fp16", "trt-int8", "triton",
     ]
+    assert TARGETS["triton"].kind == "folder" and not TARGETS["triton"].needs_gpu
     for name, t in TARGETS.items():
+        if t.kind == "folder":  # a model repository around another artifact: its precision is that one's
+            continue
         assert t.name == name
         assert t.needs_gpu == name.startswith("trt-")
         assert t.suffix == {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[t.backend]

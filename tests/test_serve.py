@@ -295,3 +295,14 @@ def test_tls_with_client_certificates(model, tmp_path):
             for r in s.ReferencedInstanceSequence}
     assert refs == {str(ds.SOPInstanceUID) for ds in instances}
     node.stop()
+
+
+def test_a_remote_model_is_identified_by_its_metadata(model):
+    """triton://... has no local file: output UIDs derive from the metadata it is served with."""
+    from espmed.runtimes import load
+
+    meta = load(model).metadata
+    remote = model_hash("demo-model", meta)  # what a TritonSegmenter's source is: the model name
+    assert remote == model_hash("demo-model", meta) != model_hash(model, meta)
+    meta.modality_index += 1
+    assert model_hash("demo-model", meta) != remote

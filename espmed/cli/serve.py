@@ -13,7 +13,7 @@ _DEFAULTS = Limits()
 
 
 # Options (module-level so that Typer's defaults are singletons).
-MODEL = typer.Option(None, "--model", "-m", help="Artifact (.onnx, .xml, .engine) or checkpoint.")
+MODEL = typer.Option(None, "--model", "-m", help="Artifact (.onnx, .xml, .engine), checkpoint or triton://HOST:PORT/MODEL.")
 AE_TITLE = typer.Option("ESPMED", "--ae-title", help="This node's AE title (the called AE title senders use).")
 PORT = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen on (DICOM: 104 or 11112).")
 HOST = typer.Option("0.0.0.0", "--host", help="Address to listen on.")
@@ -58,7 +58,7 @@ STATUS = typer.Option(False, "--status", help="Print the status of the node usin
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: Path | None = MODEL,
+        model: str | None = MODEL,
         ae_title: str = AE_TITLE,
         port: int = PORT,
         host: str = HOST,

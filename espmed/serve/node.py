@@ -61,7 +61,7 @@ class Limits:
 
 @dataclass
 class ServeConfig:
-    model: Path
+    model: str | Path  # an artifact, a checkpoint or a triton:// URL
     spool: Path
     ae_title: str = "ESPMED"
     host: str = "0.0.0.0"

@@ -8,6 +8,7 @@ and a restart redoes it with the same output UIDs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -49,11 +50,15 @@ class SeriesClock:
             return len(self._last)
 
 
-def model_hash(artifact: Path) -> str:
+def model_hash(artifact: str | Path, metadata=None) -> str:
     """What output UIDs derive from besides the sources: the artifact's manifest when it has one
-    (it hashes every member file), else the artifact file itself."""
+    (it hashes every member file), else the artifact file itself; a remote model (Triton) has no
+    local file, so the metadata it is served with (`ArtifactMetadata`) stands for it."""
+    artifact = Path(artifact)
     manifest = artifact.with_name(artifact.name + ".manifest.json")
-    return file_sha256(manifest if manifest.is_file() else artifact)
+    if manifest.is_file() or artifact.is_file() or metadata is None:
+        return file_sha256(manifest if manifest.is_file() else artifact)
+    return hashlib.sha256(metadata.to_json().encode()).hexdigest()
 
 
 class Worker(threading.Thread):
@@ -63,7 +68,7 @@ class Worker(threading.Thread):
                  destinations: list, keep_seconds: float, stop: threading.Event) -> None:
         super().__init__(name="segment", daemon=True)
         self.segmenter = segmenter
-        self.hash = model_hash(segmenter.source)
+        self.hash = model_hash(segmenter.source, segmenter.metadata)
         self.spool = spool
         self.clock = clock
         self.status = status
