@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from espmed.atomic import file_sha256
 from espmed.errors import ArtifactError
 
+from .manifest import check_listed_file, read_listing
 from .metadata import METADATA_KEY, ArtifactMetadata
 
 MANIFEST = "espmed-triton.manifest.json"
@@ -94,18 +94,8 @@ def verify_repository(folder: str | Path) -> dict:
     """Check every file of an exported repository folder against its manifest; returns the manifest."""
     folder = Path(folder)
     path = folder / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable Triton repository manifest ({' '.join(str(exc).split())})") from None
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{path}: manifest lists no files")
+    data, files = read_listing(path, "Triton repository manifest")
     for name, expected in files.items():
-        member = _member(folder, name, path)
-        if not member.is_file():
-            raise ArtifactError(f"{member}: listed in {MANIFEST} but missing")
-        if file_sha256(member) != expected:
-            raise ArtifactError(f"{member}: SHA-256 does not match {MANIFEST}; the file was modified or is corrupt")
+        check_listed_file(_member(folder, name, path), expected, path, "the file")
     ArtifactMetadata.from_json(json.dumps(data.get("metadata")), str(path))
     return data

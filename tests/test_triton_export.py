@@ -147,7 +147,7 @@ def test_a_tampered_repository_and_mismatching_configs_are_refused(artifacts, tm
         metadata_of(wrong, "cfg")
     model = root / "onnxruntime/tiny/1/model.onnx"
     model.write_bytes(model.read_bytes() + b"x")
-    with pytest.raises(ArtifactError, match="model.onnx: SHA-256 does not match"):
+    with pytest.raises(ArtifactError, match=r"model.onnx: SHA-256 .* does not match"):
         verify_repository(root)
 
 
