@@ -24,3 +24,14 @@ def _two_threads():
     import torch
 
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: on a shared 2-core machine two threads can be 10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

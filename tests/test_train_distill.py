@@ -41,13 +41,7 @@ def _student(size=64):
     return ESPMedSAM(cfg)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads can be 10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one intra-op thread
 
 
 @pytest.fixture(scope="module")
