@@ -26,7 +26,6 @@ from .calibration import CalibrationSet, load_calibration
 from .manifest import library_versions, publish, staging_dir
 from .triton_export import export_repository
 
-
 #: An export target is an exportable row of the runtimes' format table (name, suffix, backend,
 #: precision, options); the exporter adds only its builders (`_BUILDERS`, by backend).
 Target = Format

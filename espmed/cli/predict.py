@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -121,8 +120,9 @@ def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: in
         else:
             outputs.extend(save_dicom(out / f"{name}_{i:04d}_overlay_sc.dcm", ds) for i, ds in enumerate(datasets))
     if want_overlay:
-        for i, (frame, mask) in enumerate(zip(image.frames, masks)):
-            outputs.append(write_overlay_png(out / f"{name}{f'_{i:04d}' if many else ''}_overlay.png", to_rgb_uint8(frame), mask))
+        for i, (frame, mask) in enumerate(zip(image.frames, masks, strict=True)):
+            overlay_path = out / f"{name}{f'_{i:04d}' if many else ''}_overlay.png"
+            outputs.append(write_overlay_png(overlay_path, to_rgb_uint8(frame), mask))
     pixels = sum(m.size for m in masks)
     return Outcome(
         label=job.label,
@@ -138,13 +138,16 @@ def print_summary(console, outcomes: list[Outcome], out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"espmed predict -> {out}")
-    for col, justify in (("input", "left"), ("frames", "right"), ("mask %", "right"), ("ms/frame", "right"), ("outputs", "right"), ("status", "left")):
+    columns = (("input", "left"), ("frames", "right"), ("mask %", "right"), ("ms/frame", "right"),
+               ("outputs", "right"), ("status", "left"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for o in outcomes:
         if o.error:
             table.add_row(o.label.name, "", "", "", "", "[red]failed[/red]")
         else:
-            table.add_row(o.label.name, str(o.frames), f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}", str(len(o.outputs)), "[green]ok[/green]")
+            table.add_row(o.label.name, str(o.frames), f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}",
+                          str(len(o.outputs)), "[green]ok[/green]")
     console.print(table)
     for o in outcomes:
         if o.warning:
@@ -159,17 +162,33 @@ def print_summary(console, outcomes: list[Outcome], out: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def predict(
-        inputs: List[Path] = typer.Argument(..., help="Image files, folders (walked recursively) or DICOM series folders."),
-        model: str = typer.Option(..., "--model", "-m", help="Artifact (.onnx, .xml, .engine), checkpoint (.safetensors, .pth) or triton://HOST:PORT/MODEL."),
+        inputs: list[Path] = typer.Argument(
+            ..., help="Image files, folders (walked recursively) or DICOM series folders."
+        ),
+        model: str = typer.Option(
+            ..., "--model", "-m",
+            help="Artifact (.onnx, .xml, .engine), checkpoint (.safetensors, .pth) or triton://HOST:PORT/MODEL.",
+        ),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-        fmt: str = typer.Option("auto", "--format", "-f", help="png | nifti | dicom-seg | auto (png for images, nifti for NIfTI, dicom-seg for DICOM)."),
+        fmt: str = typer.Option(
+            "auto", "--format", "-f",
+            help="png | nifti | dicom-seg | auto (png for images, nifti for NIfTI, dicom-seg for DICOM).",
+        ),
         overlay: bool = typer.Option(False, "--overlay", help="Also write the mask contour over each image as PNG."),
-        device: str = typer.Option("CPU", "--device", help="CPU, GPU/CUDA, TensorRT (ONNX Runtime) or AUTO (OpenVINO)."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Backend intra-op threads."),
-        precision: Optional[str] = typer.Option(None, "--precision", help="OpenVINO inference precision: f32 (default) or bf16/f16."),
-        modality: Optional[str] = typer.Option(None, "--modality", help="Checkpoints with several controllers: which modality to run."),
+        device: str = typer.Option(
+            "CPU", "--device", help="CPU, GPU/CUDA, TensorRT (ONNX Runtime) or AUTO (OpenVINO)."
+        ),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="Backend intra-op threads."),
+        precision: str | None = typer.Option(
+            None, "--precision", help="OpenVINO inference precision: f32 (default) or bf16/f16."
+        ),
+        modality: str | None = typer.Option(
+            None, "--modality", help="Checkpoints with several controllers: which modality to run."
+        ),
         axis: int = typer.Option(2, "--axis", min=0, max=2, help="NIfTI volumes: the axis to slice along."),
-        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Checkpoints only: input size to run at (multiple of 32)."),
+        imgsz: int | None = typer.Option(
+            None, "--imgsz", help="Checkpoints only: input size to run at (multiple of 32)."
+        ),
         no_verify: bool = typer.Option(False, "--no-verify", help="Skip the artifact manifest hash check."),
     ) -> None:
         """Segment medical images with an exported artifact (or a checkpoint)."""
@@ -184,7 +203,10 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
                    modality=modality, image_size=imgsz)
-        console.print(f"model: {seg.source.name} ({seg.backend}, {seg.metadata.target}, modality {seg.modality}, {seg.input_size} px)")
+        console.print(
+            f"model: {seg.source.name} ({seg.backend}, {seg.metadata.target}, modality {seg.modality}, "
+            f"{seg.input_size} px)"
+        )
         jobs, outcomes, ignored = collect_jobs(list(inputs))
         if ignored:
             console.print(f"ignoring {len(ignored)} file(s) that are not images (e.g. {ignored[0]})", highlight=False)
