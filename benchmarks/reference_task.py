@@ -105,7 +105,8 @@ def _markdown(r: dict) -> str:
         "uses z mod 10 in {2, 3, 7, 8}, validation z mod 10 = 5); nuclei = bottom-right quadrant of the 512² DSB-2018 "
         "image as four 128² tiles (training: left half; validation: top-right quadrant); unseen domain = coronal "
         "brain slices (training saw axial slices only). Metrics at each image's original size, through the shared "
-        "numpy pre/post-processing.",
+        "numpy pre/post-processing. The brain mask is the non-zero region of nilearn's MNI152 T1, which is "
+        "skull-stripped: the brain Dice measures foreground vs background, not brain extraction.",
         "",
         "| domain | modality | images | Dice | IoU | HD95 (px) | NSD (2 px) | target | passed |",
         "|---|---|---:|---:|---:|---:|---:|---|---|",
