@@ -133,7 +133,7 @@ def test_output_files(bench):
 
 def test_cli_reuses_exports_and_max_drop_sets_the_exit_code(bench, data_dir):
     _, _, out = bench
-    common = ["bench", "--preset", "esp-medsam-tiny", "--imgsz", str(SIZE), "--data", str(data_dir),
+    common = ["bench", "--random-weights", "--preset", "esp-medsam-tiny", "--imgsz", str(SIZE), "--data", str(data_dir),
               "--runs", "2", "--warmup", "1", "--out", str(out)]
     strict = _espmed(*common, "--targets", "onnx,openvino-bf16", "--max-drop", "0")
     assert strict.returncode == 1, strict.stderr

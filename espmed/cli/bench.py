@@ -11,7 +11,14 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors; default: seeded random weights."),
+        checkpoint: Optional[Path] = typer.Option(
+            None, "--checkpoint", "-c",
+            help="Release .pth or native .safetensors; default: the shipped model (espmed.model.default_checkpoint()).",
+        ),
+        random_weights: bool = typer.Option(
+            False, "--random-weights",
+            help="Seeded random weights of --preset instead of a checkpoint (accuracy columns: agreement with FP32).",
+        ),
         modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to export and run (default: the model's only one, else the one the data has most masks for)."),
         targets: str = typer.Option("all", "--targets", "-t", help="'all' or a comma-separated list, e.g. onnx,openvino-int8 (torch is always run as the reference)."),
         data: Optional[Path] = typer.Option(None, "--data", help="Folder of images (masks/ or samples.json for ground truth); default: the bundled samples."),
@@ -22,8 +29,8 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", help="Batch size for the throughput measurement."),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Exit 1 if any backend's min Dice vs FP32 drops by more than this."),
         out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Folder for results and cached exports."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the random weights (no --checkpoint)."),
-        preset: str = typer.Option("esp-medsam", "--preset", help="Architecture of the random weights (no --checkpoint)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the --random-weights."),
+        preset: str = typer.Option("esp-medsam", "--preset", help="Architecture of the --random-weights."),
     ) -> None:
         """Export and measure every backend this machine supports, each in a fresh process."""
         from rich.console import Console
@@ -31,7 +38,13 @@ def register(app: typer.Typer) -> None:
 
         from ..benchmark.harness import BenchOptions, run_benchmark
         from ..benchmark.report import rich_table, write_all
+        from ..errors import EspmedError
+        from ..model import default_checkpoint
 
+        if random_weights and checkpoint is not None:
+            raise EspmedError("give --checkpoint or --random-weights, not both")
+        if not random_weights and checkpoint is None:
+            checkpoint = default_checkpoint()
         opts = BenchOptions(
             checkpoint=checkpoint, modality=modality, targets=targets, data=data, imgsz=imgsz, runs=runs,
             warmup=warmup, threads=threads, batch=batch, max_drop=max_drop, out=out, seed=seed, preset=preset,

@@ -15,7 +15,10 @@ _TARGET_NAMES = ", ".join(f.name for f in exportable())
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors checkpoint."),
+        checkpoint: Optional[Path] = typer.Option(
+            None, "--checkpoint", "-c",
+            help="Release .pth or native .safetensors checkpoint (default: the shipped model).",
+        ),
         source: Optional[Path] = typer.Option(None, "--from", help="triton only: an exported .onnx, .xml or .engine to serve (instead of --checkpoint)."),
         target: str = typer.Option(..., "--target", "-t", help=f"One of: {_TARGET_NAMES}."),
         modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to bake in (default: the model's only one)."),
@@ -40,6 +43,10 @@ def register(app: typer.Typer) -> None:
         from ..export import export
         from .progress import Stages
 
+        if checkpoint is None and source is None and target != "triton":
+            from ..model import default_checkpoint
+
+            checkpoint = default_checkpoint()
         if (checkpoint is None) == (source is None):
             raise EspmedError("give --checkpoint, or --from ARTIFACT for --target triton")
         if source is not None and target != "triton":

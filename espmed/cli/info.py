@@ -8,12 +8,20 @@ from pathlib import Path
 import typer
 
 
-def model_info(checkpoint: Path | None = None, preset: str = "esp-medsam", image_size: int | None = None) -> dict:
-    """Parameters per part, GFLOPs, modalities, input size and preprocessing, as a dict."""
+def model_info(
+    checkpoint: Path | None = None, preset: str | None = None, image_size: int | None = None
+) -> dict:
+    """Parameters per part, GFLOPs, modalities, input size and preprocessing, as a dict: of
+    `checkpoint`, else of `preset`'s architecture (random weights), else of the shipped model."""
     from ..atomic import file_sha256
-    from ..model import ESPMedSAM, get_preset, load_checkpoint
+    from ..errors import EspmedError
+    from ..model import ESPMedSAM, default_checkpoint, get_preset, load_checkpoint
     from ..model.summary import count_flops, parameter_table
 
+    if checkpoint is not None and preset is not None:
+        raise EspmedError("give --checkpoint or --preset, not both")
+    if checkpoint is None and preset is None:
+        checkpoint = default_checkpoint()
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, image_size=image_size)
     else:
@@ -38,11 +46,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(
         checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Release .pth or native .safetensors."),
-        preset: str = typer.Option("esp-medsam", help="Preset to describe when no checkpoint is given."),
+        preset: str | None = typer.Option(
+            None, help="Describe this preset's architecture (random weights) instead of a checkpoint."
+        ),
         imgsz: int | None = typer.Option(None, "--imgsz", help="Input size (multiple of 32)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
-        """Parameters per part, GFLOPs, modalities, input size and preprocessing of a model."""
+        """Parameters per part, GFLOPs, modalities, input size and preprocessing of a model (default: the
+        shipped one)."""
         data = model_info(checkpoint, preset, imgsz)
         if as_json:
             typer.echo(json.dumps(data, indent=2))
