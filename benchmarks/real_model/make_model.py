@@ -15,8 +15,8 @@ Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real
            512² epochs lower the held-out 1024² cosine well below the initialisation's.
   stage2   K/V logit bias -30 -> -6 (at -30 its gradients are ~1e-17), then each shipped controller
            distilled at 1024² on its own modality's images, trunk frozen.
-  stage3   segmentation (`configs/real-segment.toml`: controllers, SPPG, decoder; trunk and neck frozen,
-           BatchNorm statistics frozen too) on real masks at 512².
+  stage3   segmentation (`configs/real-segment.toml`: SPPG and decoder; trunk, controllers and neck
+           frozen, BatchNorm statistics too) on real masks at 512².
   eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
            and per volume (pooled over its slices), plus the held-out teacher cosine.
   ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), measured again
@@ -45,6 +45,8 @@ STAGES = ("init", "stage1", "stage2", "stage3", "eval", "ship")
 #: The K/V logit bias stage 2 starts from (see the module docstring).
 STAGE2_KV_BIAS = -6.0
 EVAL_SIZE = 1024
+#: Distillation batch sizes the shipped model was made with (`--batch-size` overrides both).
+DISTILL_BATCH = {"stage1": 2, "stage2": 4}
 
 
 def _checkpoint(stage: str) -> Path:
@@ -170,7 +172,8 @@ def stage_distill(args, stage: str) -> None:
     model = load_checkpoint(args.start or _checkpoint(previous))
     mods = model.config.modalities
     train = _samples(cfg, "train")
-    fit = dict(batch_size=args.batch_size, lr=d.lr, gamma=d.gamma, cosine_weight=d.cosine_weight,
+    batch_size = args.batch_size or DISTILL_BATCH[stage]
+    fit = dict(batch_size=batch_size, lr=d.lr, gamma=d.gamma, cosine_weight=d.cosine_weight,
                amp=cfg.train.amp, seed=cfg.train.seed, show_progress=False)
     runs, started = [], time.monotonic()
     if stage == "stage1":
@@ -188,7 +191,7 @@ def stage_distill(args, stage: str) -> None:
             runs.append({"image_size": size, "epochs": epochs, "images": len(train),
                          "seconds": round(time.monotonic() - t0, 1), "loss": result["stage1"],
                          "cosine_train": result["stage1_cosine"],
-                         "steps": epochs * -(-len(train) // args.batch_size)})
+                         "steps": epochs * -(-len(train) // batch_size)})
             shutil.copyfile(RUNS / stage / tag / "metrics.jsonl", RESULTS / f"stage1-{tag}.metrics.jsonl")
             _write(f"stage1-{tag}", runs[-1])
     else:
@@ -205,7 +208,7 @@ def stage_distill(args, stage: str) -> None:
         per_controller = [sum(model.config.controller_map[mods.index(s.modality)] == c for s in shipped)
                           for c in range(model.config.num_controllers)]
         runs.append({"image_size": EVAL_SIZE, "images": len(shipped), "epochs": epochs,
-                     "steps": epochs * sum(-(-n // args.batch_size) for n in per_controller),
+                     "steps": epochs * sum(-(-n // batch_size) for n in per_controller),
                      "seconds": round(time.monotonic() - t0, 1),
                      **{k: v for k, v in result.items() if k.startswith("stage2/")}})
         shutil.copyfile(RUNS / stage / "metrics.jsonl", RESULTS / "stage2.metrics.jsonl")
@@ -218,7 +221,7 @@ def stage_distill(args, stage: str) -> None:
     _write(stage, {"stage": stage, "runs": runs, "seconds": round(time.monotonic() - started, 1),
                    "cosine": cosine, "machine": _machine(args.threads),
                    "settings": {"lr": d.lr, "gamma": d.gamma, "cosine_weight": d.cosine_weight,
-                                "batch_size": args.batch_size,
+                                "batch_size": batch_size,
                                 "kv_bias": STAGE2_KV_BIAS if stage == "stage2" else None}})
 
 
@@ -414,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stage1: epochs at 512² (teacher 128²) before 1024²; default 0: they lower 1024² cosine")
     parser.add_argument("--start", type=Path, default=None,
                         help="stage1/2/3: start from this checkpoint instead of the previous stage's output")
-    parser.add_argument("--batch-size", type=int, default=4, help="distillation batch size")
+    parser.add_argument("--batch-size", type=int, default=0, help="distillation batch size (default: DISTILL_BATCH)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
