@@ -127,3 +127,13 @@ def test_info_describes_the_shipped_model_by_default_and_a_preset_on_request():
     assert preset["checkpoint"] is None and preset["preset"] == "esp-medsam-tiny"
     both = CliRunner().invoke(app, ["info", "--preset", "esp-medsam", "--checkpoint", str(default_checkpoint())])
     assert both.exit_code != 0 and "not both" in str(both.exception or both.output)
+
+
+def test_bench_refuses_a_checkpoint_with_random_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from espmed.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--random-weights", "--checkpoint", str(default_checkpoint()),
+                                 "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "not both" in str(r.exception)
