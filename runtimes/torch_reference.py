@@ -38,8 +38,8 @@ class TorchSegmenter(Segmenter):
         image_size: int | None = None,
     ) -> None:
         torch = _import_torch()
-        from espmed.model import load_checkpoint
         from espmed.atomic import file_sha256
+        from espmed.model import load_checkpoint
 
         path = Path(path)
         model = load_checkpoint(path, image_size=image_size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
-        checkpoint: Optional[Path] = typer.Option(
+        checkpoint: Path | None = typer.Option(
             None, "--checkpoint", "-c",
             help="Release .pth or native .safetensors; default: the shipped model (espmed.model.default_checkpoint()).",
         ),
@@ -19,15 +18,28 @@ def register(app: typer.Typer) -> None:
             False, "--random-weights",
             help="Seeded random weights of --preset instead of a checkpoint (accuracy columns: agreement with FP32).",
         ),
-        modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to export and run (default: the model's only one, else the one the data has most masks for)."),
-        targets: str = typer.Option("all", "--targets", "-t", help="'all' or a comma-separated list, e.g. onnx,openvino-int8 (torch is always run as the reference)."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Folder of images (masks/ or samples.json for ground truth); default: the bundled samples."),
-        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32); default: the checkpoint's, or 1024."),
+        modality: str | None = typer.Option(
+            None, "--modality", "-m",
+            help="Modality to export and run (default: the model's only one, else the one most masked in the data).",
+        ),
+        targets: str = typer.Option(
+            "all", "--targets", "-t",
+            help="'all' or a comma-separated list, e.g. onnx,openvino-int8 (torch is always run as the reference).",
+        ),
+        data: Path | None = typer.Option(
+            None, "--data",
+            help="Folder of images (masks/ or samples.json for ground truth); default: the bundled samples.",
+        ),
+        imgsz: int | None = typer.Option(
+            None, "--imgsz", help="Input size (multiple of 32); default: the checkpoint's, or 1024.",
+        ),
         runs: int = typer.Option(10, "--runs", help="Timed warm runs per backend."),
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up runs per backend."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Threads per backend (default: all cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="Threads per backend (default: all cores)."),
         batch: int = typer.Option(1, "--batch", help="Batch size for the throughput measurement."),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Exit 1 if any backend's min Dice vs FP32 drops by more than this."),
+        max_drop: float | None = typer.Option(
+            None, "--max-drop", help="Exit 1 if any backend's min Dice vs FP32 drops by more than this.",
+        ),
         out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Folder for results and cached exports."),
         seed: int = typer.Option(0, "--seed", help="Seed of the --random-weights."),
         preset: str = typer.Option("esp-medsam", "--preset", help="Architecture of the --random-weights."),
@@ -52,8 +64,13 @@ def register(app: typer.Typer) -> None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each
             console = Console(width=200)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
-            report = run_benchmark(opts, log=lambda text: progress.console.print(text, highlight=False), progress=progress)
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            def log(text: str) -> None:
+                progress.console.print(text, highlight=False)
+
+            report = run_benchmark(opts, log=log, progress=progress)
         console.print(rich_table(report))
         files = write_all(report, out)
         console.print("wrote " + ", ".join(str(p) for p in files.values()), highlight=False)

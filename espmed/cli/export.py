@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,27 +14,48 @@ _TARGET_NAMES = ", ".join(f.name for f in exportable())
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
-        checkpoint: Optional[Path] = typer.Option(
+        checkpoint: Path | None = typer.Option(
             None, "--checkpoint", "-c",
             help="Release .pth or native .safetensors checkpoint (default: the shipped model).",
         ),
-        source: Optional[Path] = typer.Option(None, "--from", help="triton only: an exported .onnx, .xml or .engine to serve (instead of --checkpoint)."),
+        source: Path | None = typer.Option(
+            None, "--from", help="triton only: an exported .onnx, .xml or .engine to serve (instead of --checkpoint).",
+        ),
         target: str = typer.Option(..., "--target", "-t", help=f"One of: {_TARGET_NAMES}."),
-        modality: Optional[str] = typer.Option(None, "--modality", "-m", help="Modality to bake in (default: the model's only one)."),
-        imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Input size (multiple of 32; default: the checkpoint's)."),
+        modality: str | None = typer.Option(
+            None, "--modality", "-m", help="Modality to bake in (default: the model's only one).",
+        ),
+        imgsz: int | None = typer.Option(
+            None, "--imgsz", help="Input size (multiple of 32; default: the checkpoint's).",
+        ),
         batch: int = typer.Option(1, "--batch", help="Fixed batch size."),
         dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic batch size (instead of --batch)."),
         simplify: str = typer.Option("onnxsim", "--simplify", help="Graph simplifier: onnxsim, onnxslim or none."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17)."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="Folder of real images for INT8 calibration and the accuracy check (default: bundled samples)."),
+        calib: Path | None = typer.Option(
+            None, "--calib",
+            help="Folder of real images for INT8 calibration and the accuracy check (default: bundled samples).",
+        ),
         max_drop: float = typer.Option(0.02, "--max-drop", help="Largest allowed per-image Dice drop vs FP32."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact file, or a folder for the default name."),
-        runtime_precision: Optional[str] = typer.Option(None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record."),
-        workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="TensorRT only: workspace limit (default: chosen by TensorRT)."),
-        timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT only: timing cache file to reuse and update."),
-        max_batch: Optional[int] = typer.Option(None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine (default 8)."),
-        triton_max_batch: Optional[int] = typer.Option(None, "--triton-max-batch", help="triton only: max_batch_size of the dynamic batcher (default 8)."),
-        instances: Optional[int] = typer.Option(None, "--instances", help="triton only: model instances per server (default 1)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Artifact file, or a folder for the default name."),
+        runtime_precision: str | None = typer.Option(
+            None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record.",
+        ),
+        workspace_mb: int | None = typer.Option(
+            None, "--workspace-mb", help="TensorRT only: workspace limit (default: chosen by TensorRT).",
+        ),
+        timing_cache: Path | None = typer.Option(
+            None, "--timing-cache", help="TensorRT only: timing cache file to reuse and update.",
+        ),
+        max_batch: int | None = typer.Option(
+            None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine (default 8).",
+        ),
+        triton_max_batch: int | None = typer.Option(
+            None, "--triton-max-batch", help="triton only: max_batch_size of the dynamic batcher (default 8).",
+        ),
+        instances: int | None = typer.Option(
+            None, "--instances", help="triton only: model instances per server (default 1).",
+        ),
     ) -> None:
         """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model; or
         wrap one (--from) in Triton model repositories (--target triton)."""
@@ -79,6 +99,7 @@ def _print_triton(result, size_mb: float) -> None:
     import json
 
     model = json.loads(result.manifest.read_text(encoding="utf-8"))["triton"]["model"]
-    typer.echo(f"repositories: {result.artifact}  {len(result.files)} files, {size_mb:.1f} MB  manifest: {result.manifest.name}")
+    files = f"{len(result.files)} files, {size_mb:.1f} MB"
+    typer.echo(f"repositories: {result.artifact}  {files}  manifest: {result.manifest.name}")
     typer.echo(f"serve it:     python -m espmed.runtimes.triton_server {result.artifact}   (CPU, loopback, port 8001)")
     typer.echo(f"run it:       espmed predict IMAGE --model triton://127.0.0.1:8001/{model} --out out/")
