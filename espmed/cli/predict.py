@@ -92,7 +92,7 @@ def unique_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def segment_job(job: Job, seg, out: Path, fmt: str, want_overlay: bool, axis: int, used: set[str]) -> Outcome:
+def segment_job(job: Job, seg, out: Path, *, fmt: str, want_overlay: bool, axis: int, used: set[str]) -> Outcome:
     """Read, segment and write one job; raises EspmedError on a bad input."""
     import numpy as np
 
@@ -220,7 +220,7 @@ def register(app: typer.Typer) -> None:
             for job in jobs:
                 progress.update(task, description=f"segmenting {job.label.name}")
                 try:
-                    outcomes.append(segment_job(job, seg, out, fmt, overlay, axis, used))
+                    outcomes.append(segment_job(job, seg, out, fmt=fmt, want_overlay=overlay, axis=axis, used=used))
                 except (EspmedError, ValueError, OSError) as exc:  # a bad input: report, go on
                     outcomes.append(Outcome(job.label, error=str(exc) or type(exc).__name__))
                 progress.advance(task)

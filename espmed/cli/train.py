@@ -216,7 +216,7 @@ def eval_(
         samples = folder_layout(images, masks, modality, domain)
     else:
         samples = _samples(_config(config), split)
-    result = evaluate(model, samples, out_dir, save_png, nsd_tolerance, progress=True)
+    result = evaluate(model, samples, out_dir, save_predictions=save_png, nsd_tolerance=nsd_tolerance, progress=True)
     from rich.console import Console
     from rich.table import Table
 

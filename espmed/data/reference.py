@@ -52,9 +52,9 @@ def mni152_slices(split: str, modality: str = "brain-mri") -> list[Sample]:
     if split == "unseen":
         area = brain.sum(axis=(0, 2))
         ys = [y for y in range(0, t1.shape[1], 10) if area[y] >= 4000]
-        return volume_slices(t1, brain, 1, ys, modality, "mni152", domain="unseen")
+        return volume_slices(t1, brain, 1, ys, modality=modality, name="mni152", domain="unseen")
     zs = [z for z in _AXIAL_RANGE if z % 10 in _SPLIT_REMAINDERS[split]]
-    return volume_slices(t1, brain, 2, zs, modality, "mni152")
+    return volume_slices(t1, brain, 2, zs, modality=modality, name="mni152")
 
 
 def nuclei_samples(split: str, modality: str = "microscopy") -> list[Sample]:

@@ -107,6 +107,7 @@ def volume_slices(
     mask: np.ndarray,
     axis: int,
     indices: Sequence[int],
+    *,
     modality: str,
     name: str,
     domain: str = "seen",
@@ -142,4 +143,4 @@ def volume_layout(
     if indices is None:
         area = (msk > 0).sum(axis=tuple(a for a in range(3) if a != axis))
         indices = [int(i) for i in np.flatnonzero(area >= min_foreground)]
-    return volume_slices(vol, msk, axis, indices, modality, Path(image).name.split(".")[0], domain)
+    return volume_slices(vol, msk, axis, indices, modality=modality, name=Path(image).name.split(".")[0], domain=domain)

@@ -417,7 +417,7 @@ def _loop(run: _Run, valid_samples, show_progress: bool, started: float) -> list
                 out_of_time = bool(t.max_minutes) and time.monotonic() - started > 60 * t.max_minutes
                 finished = progress.global_step >= run.total_steps
                 if valid_samples and (progress.global_step % eval_every == 0 or finished):
-                    _validate(run.model, valid_samples, progress, run.run_dir, run.log, run.info, t.batch_size)
+                    _validate(run, valid_samples)
                 if progress.global_step % ckpt_every == 0 or finished or out_of_time:
                     run.checkpoint()
                 if out_of_time and not finished:
@@ -477,11 +477,11 @@ def _optimizer_step(run: _Run, batches) -> tuple[float, dict[str, float]]:
     return total, parts_sum
 
 
-def _validate(
-    model, samples, progress: RunProgress, run_dir: Path, log: JsonlLog, info: DistInfo, batch_size: int
-) -> None:
+def _validate(run: _Run, samples) -> None:
+    """Mean validation Dice per modality; a better mean saves the best model (rank 0 only)."""
+    model, progress, run_dir, log, info = run.model, run.progress, run.run_dir, run.log, run.info
     if info.is_main:
-        per_modality = mean_dice_by_modality(model, samples, batch_size)
+        per_modality = mean_dice_by_modality(model, samples, run.cfg.train.batch_size)
         mean = float(np.mean(list(per_modality.values())))
         improved = mean > progress.best_dice
         if improved:

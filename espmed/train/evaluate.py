@@ -87,6 +87,7 @@ def evaluate(
     model: ESPMedSAM,
     samples: Sequence[Sample],
     out_dir: str | Path | None = None,
+    *,
     save_predictions: bool = False,
     nsd_tolerance: float = 2.0,
     batch_size: int = 8,
