@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..errors import EspmedError
+        from ..errors import EspmedError, first_line
         from ..runtimes import load
 
         if fmt not in FORMATS:
@@ -222,7 +222,7 @@ def register(app: typer.Typer) -> None:
                 try:
                     outcomes.append(segment_job(job, seg, out, fmt=fmt, want_overlay=overlay, axis=axis, used=used))
                 except (EspmedError, ValueError, OSError) as exc:  # a bad input: report, go on
-                    outcomes.append(Outcome(job.label, error=str(exc) or type(exc).__name__))
+                    outcomes.append(Outcome(job.label, error=first_line(exc)))
                 progress.advance(task)
         print_summary(Console(), outcomes, out)
         if any(o.error for o in outcomes):

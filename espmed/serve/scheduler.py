@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..atomic import file_sha256
+from ..errors import first_line
 from .segment import segment_series
 from .spool import Spool
 from .status import Status
@@ -105,7 +106,8 @@ class Worker(threading.Thread):
         try:
             self.process(series_uid)
         except Exception as exc:  # noqa: BLE001 - the node must keep serving the other series
-            message = f"series {series_uid}: unexpected {type(exc).__name__}: {exc}; retried in {self.clock.timeout} s"
+            why = first_line(exc, with_type=True)
+            message = f"series {series_uid}: unexpected {why}; retried in {self.clock.timeout} s"
             log.exception(message)
             self.status.error(message)
             self.status.segmenting = None

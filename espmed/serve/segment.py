@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EspmedError
+from ..errors import EspmedError, first_line
 from ..io.dicom import derived_uid, dicom_results, read_dataset, read_dicom, read_dicom_series
 
 
@@ -65,7 +65,7 @@ def segment_series(segmenter, *, model_hash: str, series_uid: str, paths: list[P
                 instance_number=len(result.instances),
             )
         except (EspmedError, ValueError, OSError) as exc:  # a bad volume: reported, the rest go on
-            result.errors.append(str(exc) or type(exc).__name__)
+            result.errors.append(first_line(exc))
             continue
         result.frames += len(masks)
         result.outputs.extend(outputs)

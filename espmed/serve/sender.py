@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import first_line
 from .spool import Spool
 from .status import Status
 
@@ -59,7 +60,7 @@ class Sender(threading.Thread):
                 try:
                     self._send(ready)
                 except Exception as exc:  # noqa: BLE001 - keep the outbox moving; the items stay queued
-                    message = f"sending to {self.destination}: unexpected {type(exc).__name__}: {exc}"
+                    message = f"sending to {self.destination}: unexpected {first_line(exc, with_type=True)}"
                     log.exception(message)
                     self.status.error(message)
                     self.stop.wait(self.retry.base)
@@ -87,7 +88,7 @@ class Sender(threading.Thread):
                 try:
                     response = assoc.send_c_store(item)
                 except (OSError, ValueError, RuntimeError) as exc:
-                    self._failed(item, f"{type(exc).__name__}: {exc}")
+                    self._failed(item, first_line(exc, with_type=True))
                     continue
                 code = int(getattr(response, "Status", -1)) if response else -1
                 if code in STORED:

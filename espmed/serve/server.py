@@ -13,7 +13,7 @@ import logging
 import ssl
 from pathlib import Path
 
-from ..errors import EspmedError
+from ..errors import EspmedError, first_line
 from ..io.dicom import check_image_instance, dicom_frames, is_image_storage
 from .scheduler import SeriesClock
 from .spool import Spool, SpoolFull, check_uid
@@ -120,7 +120,7 @@ class StoreHandler:
         except EspmedError as exc:
             return self._refuse(code, calling, str(exc))
         except Exception as exc:  # noqa: BLE001 - a malformed data set raises anything on access
-            return self._refuse(CANNOT_UNDERSTAND, calling, f"malformed data set ({type(exc).__name__}: {exc})")
+            return self._refuse(CANNOT_UNDERSTAND, calling, f"malformed data set ({first_line(exc, with_type=True)})")
         self.clock.touch(series)
         self.status.add("instances_received")
         return 0x0000
