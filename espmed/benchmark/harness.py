@@ -30,7 +30,7 @@ from ..atomic import write_text
 from ..errors import EspmedError, first_line
 from ..io import read_frame, read_mask
 from ..runtimes.formats import FORMATS, Format, format_named, reference
-from . import machine
+from . import eta, machine
 from .data import Sample, list_samples
 from .metrics import agreement, ground_truth_scores
 
@@ -218,16 +218,12 @@ def _calib_sha(data: Path | None) -> str:
     return files_sha256(image_files(Path(data) if data is not None else default_calibration_dir()))
 
 
-def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
-    """(artifact, reused, seconds): the cached export of `target` when its record matches, else a new one."""
-    from espmed.export import export
-
+def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
+    """What a cached export of `target` must have been made from."""
     from .machine import library_versions
 
-    dest = out / "artifacts" / target
     calibrated = format_named(target).calibrated
-    record_path = dest / "bench-export.json"
-    key = {
+    return {
         "target": target,
         "checkpoint_sha256": model["checkpoint_sha256"],
         "image_size": model["image_size"],
@@ -239,6 +235,9 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
     }
+
+
+def _cached(record_path: Path, key: dict) -> tuple[Path, bool, float] | None:
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -247,6 +246,24 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
                 return artifact, True, record["export_s"]
         except (ValueError, KeyError, EspmedError):
             pass
+    return None
+
+
+def cached_export(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float] | None:
+    """(artifact, True, seconds it took) of the cached export of `target` in `out`, or None."""
+    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts))
+
+
+def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
+    """(artifact, reused, seconds): the cached export of `target` when its record matches, else a new one."""
+    from espmed.export import export
+
+    dest = out / "artifacts" / target
+    record_path = dest / "bench-export.json"
+    key = _export_key(target, model, opts)
+    found = _cached(record_path, key)
+    if found is not None:
+        return found
     gate = {"max_drop": opts.max_drop} if opts.max_drop is not None and opts.max_drop < 1.0 else {}
     t = time.perf_counter()
     with _quiet_root_logger():  # ONNX Runtime's quantizer logs advice at WARNING on the root logger
@@ -385,20 +402,28 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print, progre
     samples = list_samples(opts.data)
     rows = select_rows(opts.targets)
     host, versions = machine.machine_info(), machine.library_versions()
-    step = _stepper(progress, total=2 + 2 * len(rows))
+    track = _Tracker(progress, total=2 + 2 * len(rows))
 
-    step(f"GEMM peak ({threads} threads)", 0)
+    track.step(f"GEMM peak ({threads} threads)", 0)
+    t = time.perf_counter()
     gemm = machine.gemm_peak_gflops(threads)
-    step("model")
+    gemm_s = time.perf_counter() - t
+    track.step("model")
     model, samples, notes = _model_and_samples(opts, samples, out=out, log=log)
-    step("exports")
+    track.estimator = _estimator(opts, rows, host, model=model, images=len(samples), gemm=gemm, gemm_s=gemm_s, out=out)
+    total_s, unknown = track.estimator.remaining()
+    log(f"estimated time left: ~{eta.duration(total_s)}" + (" + the rows without an estimate" if unknown else ""))
+    track.step("exports")
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     run = _Run(
-        opts=opts, out=out, work=work, threads=threads, model=model, samples=[s.to_dict() for s in samples], step=step
+        opts=opts, out=out, work=work, threads=threads, model=model, samples=[s.to_dict() for s in samples],
+        track=track,
     )
     results = [_measure_row(run, row, host) for row in rows]
 
+    track.estimator.tail_s = 0.0
+    track.step("GEMM peak again, accuracy", 0, stage_s=gemm_s)
     gemm = _best_gemm(gemm, machine.gemm_peak_gflops(threads))
     _add_accuracy(results, model, samples, work)
     notes += _busy_notes(results, threads)
@@ -413,16 +438,73 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _stepper(progress, *, total: int) -> Callable[..., None]:
-    """`step(text, advance=1)`: advance one rich progress task of `total` steps (a no-op without one)."""
-    if progress is None:
-        return lambda text, advance=1: None
-    task = progress.add_task("benchmark", total=total)
+class _Tracker:
+    """One rich progress task of `total` steps whose fields carry the current stage's estimate
+    (`stage_s`, counted from `stage_start`) and the later stages' (`after_s`, `unknown_after`), which
+    the CLI counts down. Without a progress it only keeps the estimator."""
 
-    def step(text: str, advance: int = 1) -> None:
-        progress.update(task, advance=advance, description=text)
+    def __init__(self, progress, *, total: int) -> None:
+        self.progress = progress
+        self.estimator: eta.Estimator | None = None
+        self.task = None if progress is None else progress.add_task("benchmark", total=total, **self._fields(None))
 
-    return step
+    def _fields(self, stage_s: float | None) -> dict:
+        after_s, unknown = self.estimator.remaining() if self.estimator else (None, False)
+        start = self.progress.get_time() if self.progress is not None else 0.0
+        return {"stage_s": stage_s, "stage_start": start, "after_s": after_s, "unknown_after": unknown}
+
+    def step(self, text: str, advance: int = 1, *, stage_s: float | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=advance, description=text, **self._fields(stage_s))
+
+    def begin(self, stage: eta.Stage, text: str, advance: int = 1) -> None:
+        """`stage` starts: show its estimate; an export found cached says so."""
+        if stage.kind == "export" and self.estimator.is_cached(stage.target):
+            text += " (cached)"
+        self.step(text, advance, stage_s=self.estimator.begin(stage))
+
+
+def _stages(row: Format, host: dict) -> list[eta.Stage]:
+    """The stages a row will run: its export (none for the reference) and its measurement."""
+    if unavailable_reason(row, host):
+        return []
+    target = row.export_target
+    cold_starts = _COLD_STARTS if row.backend == "openvino" else 0
+    measure = eta.Stage(row.name, "measure", target=target, cold_starts=cold_starts)
+    if target is None:
+        return [measure]
+    return [eta.Stage(row.name, "export", target=target, calibrated=format_named(target).calibrated), measure]
+
+
+def _estimator(
+    opts: BenchOptions, rows: list[Format], host: dict, *,
+    model: dict, images: int, gemm: dict, gemm_s: float, out: Path,
+) -> eta.Estimator:
+    """The run's cost model: F from the FLOPs and the GEMM peak, the run's settings, the exports cached."""
+    stages = [stage for row in rows for stage in _stages(row, host)]
+    targets = {s.target for s in stages if s.kind == "export"}
+    cached = {t for t in targets if cached_export(t, model, opts, out) is not None}
+    calibrating = any(s.calibrated and s.target not in cached for s in stages)
+    calib, held, attempts = _calibration_work(opts.data) if calibrating else (0, 0, 0)
+    work = eta.Workload(
+        images=images, warmup=opts.warmup, runs=opts.runs, batch=opts.batch,
+        calib_images=calib, gated_images=held, attempts=attempts,
+    )
+    forward_s = eta.forward_from_flops(model["gflops"], gemm["gflops"])
+    return eta.Estimator(stages, forward_s=forward_s, work=work, cached=cached, tail_s=gemm_s)
+
+
+def _calibration_work(data: Path | None) -> tuple[int, int, int]:
+    """(calibration images, held-out images, INT8 attempts at most) of an INT8 export from `data`:
+    the exporter's own split (read at a tiny size) and its fallback levels."""
+    from espmed.export.calibration import load_calibration
+    from espmed.export.quantize import FLOAT_LEVELS
+
+    try:
+        images = load_calibration(data, 32, 0.0, 1.0)
+    except EspmedError:  # the export will fail and say why
+        return 0, 0, 0
+    return len(images.calibration), len(images.held_out), len(FLOAT_LEVELS)
 
 
 def _model_and_samples(
@@ -450,7 +532,7 @@ class _Run:
     threads: int
     model: dict
     samples: list[dict]  # Sample.to_dict() of the images measured
-    step: Callable[..., None]
+    track: _Tracker
     exports: dict[str, tuple[Path, bool, float] | Exception] = field(default_factory=dict)
 
     def worker(self, spec: dict) -> dict:
@@ -463,15 +545,22 @@ def _measure_row(run: _Run, row: Format, host: dict) -> dict:
     reason = unavailable_reason(row, host)
     if reason:
         rec.update(status="unavailable", reason=reason)
-        run.step(f"{row.name}: unavailable", 2)
+        run.track.step(f"{row.name}: unavailable", 2, stage_s=0.0)
         return rec
-    run.step(f"{row.name}: export", 0)
+    *export, measure = _stages(row, host)
+    estimator = run.track.estimator
+    fresh = row.export_target not in run.exports
+    if export:
+        run.track.begin(export[0], f"{row.name}: export", 0)
     got = _row_artifact(run, row)
     if isinstance(got, Exception):
+        estimator.export_failed(row.export_target)
         rec.update(status="failed", reason=f"export failed: {_one_line(got)}", detail=str(got))
-        run.step(f"{row.name}: export failed", 2)
+        run.track.step(f"{row.name}: export failed", 2, stage_s=0.0)
         return rec
     artifact, reused, export_s = got
+    if export:
+        estimator.exported(export[0], export_s if fresh and not reused else None)
     files = artifact_files(artifact)
     rec.update(
         artifact=str(artifact),
@@ -479,20 +568,23 @@ def _measure_row(run: _Run, row: Format, host: dict) -> dict:
         export_s=export_s,
         export_reused=reused,
     )
-    run.step(f"{row.name}: measure")
+    run.track.begin(measure, f"{row.name}: measure")
     try:
         with _served(row, artifact) as where:
             spec = _worker_spec(run, row, where)
             measured = run.worker(spec)
     except EspmedError as exc:
         rec.update(status="failed", reason=f"server failed: {_one_line(exc)}")
-        run.step(f"{row.name}: server failed")
+        run.track.step(f"{row.name}: server failed", stage_s=0.0)
         return rec
     measured.pop("traceback", None)
     rec.update(measured)
-    if rec["status"] == "ok" and row.backend == "openvino":
+    if rec["status"] == "ok" and row.name == REFERENCE:
+        estimator.measured_reference(rec["latency_ms"]["p50"] / 1e3)
+    if rec["status"] == "ok" and row.backend == "openvino":  # what is left of the stage: its measured cold start, twice
+        run.track.step(f"{row.name}: cold starts", 0, stage_s=_COLD_STARTS * rec["cold_start_s"])
         rec.update(_cached_cold_starts(run, row, spec))
-    run.step(f"{row.name}: done")
+    run.track.step(f"{row.name}: done", stage_s=0.0)
     return rec
 
 
@@ -538,6 +630,10 @@ def _worker_spec(run: _Run, row: Format, artifact: Path | str) -> dict:
         "batch": run.opts.batch,
         "logits": str(run.work / f"{row.name}.logits.npz"),
     }
+
+
+#: OpenVINO rows' cold-start-only workers (`_cached_cold_starts`): one fills the cache, one reads it.
+_COLD_STARTS = 2
 
 
 def _cached_cold_starts(run: _Run, row: Format, spec: dict) -> dict:

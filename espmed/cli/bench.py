@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each
             console = Console(width=200)
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn())
+                   TimeElapsedColumn(), _estimate_column())
         with Progress(*columns, console=console) as progress:
             def log(text: str) -> None:
                 progress.console.print(text, highlight=False)
@@ -78,3 +78,22 @@ def register(app: typer.Typer) -> None:
         if failures:
             typer.echo("error: accuracy drop over --max-drop " + f"{max_drop}: " + "; ".join(failures), err=True)
             raise typer.Exit(1)
+
+
+def _estimate_column():
+    """A progress column: the current stage's estimated time left, counting down, and the whole run's
+    (`espmed.benchmark.eta.describe` of the fields the harness sets on its task)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    from ..benchmark.eta import describe
+
+    class EstimateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            f = task.fields
+            return Text(describe(
+                stage_s=f.get("stage_s"), elapsed_s=task.get_time() - f.get("stage_start", 0.0),
+                after_s=f.get("after_s"), unknown_after=f.get("unknown_after", False),
+            ), style="progress.remaining")
+
+    return EstimateColumn()
