@@ -122,6 +122,12 @@ class Gate:
             max_abs_patch=max(float(np.abs(out.patches - ref.patches).max()) for out, ref in pairs),
         )
 
+    def dice_of(self, candidate: Segmenter, indices: Sequence[int]) -> list[float]:
+        """Dice vs FP32 of the gated images at `indices` (positions in `images`) through `candidate`."""
+        names = list(self.images)
+        outputs = segment(candidate, [self.images[names[i]] for i in indices], self.batch)
+        return [dice(out.mask, self.reference[i].mask) for out, i in zip(outputs, indices, strict=True)]
+
     def check(self, candidate: Segmenter, target: str) -> Comparison:
         """Compare, and refuse a candidate that drops more than `max_drop` on any gated image."""
         result = self.compare(candidate)

@@ -1,9 +1,11 @@
 """Real images for calibration and accuracy checks, preprocessed exactly as every runtime does.
 
-Images come from `--calib DIR` or the sample images bundled with espmed. They are sorted by file
-name and split deterministically: odd positions are held out for the accuracy gate, the rest
-calibrate (one image serves both). The calibration set is identified by sha256 over the sorted
-sha256 digests of its files. Torch-free.
+Images come from `--calib DIR` or the sample images bundled with espmed. A folder with
+`calibration/` and `held_out/` subfolders is split that way (what
+`benchmarks/quantization/make_calibration.py` writes: distinct real images per modality, held-out
+images never calibrated on). Any other folder is sorted by file name and split deterministically:
+odd positions are held out for the accuracy gate, the rest calibrate (one image serves both). The
+calibration set is identified by sha256 over the sorted sha256 digests of its files. Torch-free.
 """
 
 from __future__ import annotations
@@ -58,18 +60,23 @@ def image_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
-    """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
-    source = Path(directory) if directory is not None else default_calibration_dir()
-    files = image_files(source)
+def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImage]:
     loaded = []
     for f in files:
         image = read_frame(f)
         x, box = preprocess(image, input_size, mean, std)
         loaded.append(CalibrationImage(f, image, x, box))
-    if len(loaded) == 1:
-        calib, held = loaded, loaded
+    return loaded
+
+
+def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
+    """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
+    source = Path(directory) if directory is not None else default_calibration_dir()
+    split = source / "calibration", source / "held_out"
+    if all(d.is_dir() for d in split):
+        calib, held = (_load(image_files(d), input_size, mean, std) for d in split)
     else:
-        calib, held = loaded[0::2], loaded[1::2]
+        loaded = _load(image_files(source), input_size, mean, std)
+        calib, held = (loaded, loaded) if len(loaded) == 1 else (loaded[0::2], loaded[1::2])
     label = "bundled samples" if directory is None else str(source)
     return CalibrationSet(label, calib, held, files_sha256(im.path for im in calib))

@@ -9,6 +9,7 @@ asked for), and the gate opens every candidate with that precision, as a device 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from espmed.runtimes.metadata import METADATA_KEY, ArtifactMetadata
 
 from .accuracy import Gate
 from .calibration import CalibrationImage
-from .quantize import float_levels
+from .quantize import search_levels
+from .recipe import Recipe
 
 #: OpenVINO op types that NNCF quantizes (weights and inputs) in this graph.
 QUANTIZABLE_OV_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
@@ -59,6 +61,45 @@ def save_and_open(
     return load(xml_path, verify=False, precision=precision)
 
 
+@dataclass(frozen=True, kw_only=True)
+class NncfSettings:
+    """The NNCF post-training knobs an INT8 export uses (recorded in the artifact's metadata)."""
+
+    smooth_quant_alpha: float | None = None  # SmoothQuant alpha for MatMul; None: NNCF's default
+    fast_bias_correction: bool = False  # False: NNCF's full bias correction (slower, closer to FP32)
+    accuracy_control: bool = False  # nncf.quantize_with_accuracy_control, Dice vs FP32 as the metric
+
+    def describe(self) -> dict:
+        return {
+            "tool": "nncf post-training", "preset": "performance (symmetric)", "model_type": "transformer",
+            "smooth_quant_alpha": self.smooth_quant_alpha if self.smooth_quant_alpha is not None else "nncf default",
+            "fast_bias_correction": self.fast_bias_correction, "accuracy_control": self.accuracy_control,
+        }
+
+    def advanced(self):
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        if self.smooth_quant_alpha is None:
+            return None
+        alphas = AdvancedSmoothQuantParameters(matmul=self.smooth_quant_alpha)
+        return AdvancedQuantizationParameters(smooth_quant_alphas=alphas)
+
+
+class _CompiledSegmenter(Segmenter):
+    """A compiled OpenVINO model behind the Segmenter steps of `like` (NNCF's validation hands the
+    accuracy-control loop compiled models, not files)."""
+
+    backend = "openvino"
+
+    def __init__(self, compiled, like: Segmenter) -> None:
+        super().__init__(like.metadata, like.source)
+        self._compiled = compiled
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self._compiled({self.metadata.input_name: x})
+        return tuple(np.asarray(result[self._compiled.output(n)], np.float32) for n in self.metadata.output_names)
+
+
 def quantize_nncf(
     *,
     source,
@@ -67,12 +108,16 @@ def quantize_nncf(
     gate: Gate,
     metadata: ArtifactMetadata,
     runtime_precision: str = "f32",
+    settings: NncfSettings = NncfSettings(),
+    recipe: Recipe | None = None,
 ):
-    """NNCF post-training INT8 of `source` (FP32 ov.Model) with the float-layer fallback of ONNX
-    Runtime: symmetric 'performance' preset, transformer patterns keep Softmax/LayerNorm/GELU float,
-    fused attention ops stay float. Each attempt is staged beside `out` (`<stem>.try<n>.xml`, n float
-    layers) and judged through OpenVINO's Segmenter at `runtime_precision`.
-    Returns (quantized ov.Model, passing attempt, all attempts)."""
+    """NNCF post-training INT8 of `source` (FP32 ov.Model): symmetric 'performance' preset,
+    transformer patterns keep Softmax/LayerNorm/GELU float, fused attention ops stay float, then the
+    `recipe`'s float layers and the growing fallback levels (`quantize.search_levels`). Each attempt
+    is staged beside `out` (`<stem>.try<n>.xml`, n float layers) and judged through OpenVINO's
+    Segmenter at `runtime_precision`. With `settings.accuracy_control`, NNCF's accuracy-control loop
+    chooses the float layers itself (metric: min Dice vs FP32 over the gated images) and the gate
+    judges its one result. Returns (quantized ov.Model, passing attempt, all attempts)."""
     import logging
 
     import nncf
@@ -80,20 +125,66 @@ def quantize_nncf(
     nncf.set_log_level(logging.ERROR)
     data = nncf.Dataset([np.repeat(im.x[None], max(metadata.batch, 1), axis=0) for im in calibration])
     last: list = []  # the search stops at the first passing model, so the last one is it
+    common = dict(
+        preset=nncf.QuantizationPreset.PERFORMANCE, model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration), fast_bias_correction=settings.fast_bias_correction,
+    )
 
-    def quantize(float_layers: list[str]) -> Segmenter:
-        model = nncf.quantize(
-            source.clone(),
-            data,
-            preset=nncf.QuantizationPreset.PERFORMANCE,
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=list(float_layers), types=list(FLOAT_OV_TYPES), validate=False),
-        )
+    def scope(float_layers: list[str]):
+        return nncf.IgnoredScope(names=list(float_layers), types=list(FLOAT_OV_TYPES), validate=False)
+
+    def stage(model, float_layers: list[str]) -> Segmenter:
         last[:] = [model]
         probe = out.with_name(f"{out.stem}.try{len(float_layers)}{out.suffix}")  # each level adds layers
         return save_and_open(model, metadata, probe, compress_to_fp16=False, precision=runtime_precision)
 
-    levels = float_levels(ops_of_types(source, QUANTIZABLE_OV_TYPES), ops_of_types(source, FLOAT_OV_TYPES))
-    best, attempts = gate.search(levels, quantize)
-    return last[0], best, attempts
+    def quantize(float_layers: list[str]) -> Segmenter:
+        model = nncf.quantize(
+            source.clone(), data, ignored_scope=scope(float_layers), advanced_parameters=settings.advanced(), **common
+        )
+        return stage(model, float_layers)
+
+    levels = search_levels(
+        ops_of_types(source, QUANTIZABLE_OV_TYPES), recipe=recipe, backend="openvino",
+        always_float=ops_of_types(source, FLOAT_OV_TYPES),
+    )
+    if not settings.accuracy_control:
+        best, attempts = gate.search(levels, quantize)
+        return last[0], best, attempts
+
+    like = stage(source, [])  # the FP32 model staged once: the Segmenter steps the metric runs
+    indices = nncf.Dataset(list(range(len(gate.images))))
+
+    def min_dice(compiled, items) -> tuple[float, list[float]]:
+        dice = gate.dice_of(_CompiledSegmenter(compiled, like), [int(i) for i in items])
+        return min(dice), dice
+
+    model = nncf.quantize_with_accuracy_control(
+        source.clone(), data, indices, min_dice, max_drop=gate.max_drop, drop_type=nncf.DropType.ABSOLUTE,
+        ignored_scope=scope(levels[0][1]), advanced_quantization_parameters=settings.advanced(), **common,
+    )
+    float_layers = sorted(set(ops_of_types(source, QUANTIZABLE_OV_TYPES)) - quantized_ops(model))
+    best, attempts = gate.search([("nncf accuracy control", float_layers)], lambda layers: stage(model, layers))
+    return model, best, attempts
+
+
+#: Ops between a quantizer (FakeQuantize, or an int8 weight Constant) and the op it feeds.
+_PASS_THROUGH = ("Transpose", "Reshape", "Convert", "Multiply", "Subtract", "Squeeze", "Unsqueeze")
+
+
+def quantized_ops(model) -> set[str]:
+    """Names of the quantizable ops NNCF left quantized: an input reaches a FakeQuantize or an
+    int8 weight constant through at most three layout / dequantize ops."""
+
+    def quantized(node, hops: int) -> bool:
+        kind = node.get_type_name()
+        if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8")):
+            return True
+        return hops > 0 and kind in _PASS_THROUGH and any(
+            quantized(v.get_node(), hops - 1) for v in node.input_values()
+        )
+
+    return {
+        op.get_friendly_name() for op in model.get_ordered_ops()
+        if op.get_type_name() in QUANTIZABLE_OV_TYPES and any(quantized(v.get_node(), 3) for v in op.input_values())
+    }

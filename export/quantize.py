@@ -3,7 +3,8 @@
 Symmetric QDQ is what TensorRT consumes for explicit INT8 (`trt-int8` builds from this graph).
 Only Conv, MatMul and Gemm are quantized; every other op (Softmax, LayerNormalization, GELU's Erf,
 the attention-bias adds, resizes) stays float. On top of that, named layers are kept float in
-growing sets (`FLOAT_LEVELS`) until the accuracy gate passes on held-out images.
+growing sets (`FLOAT_LEVELS`) until the accuracy gate passes on held-out images; a model's float-layer
+recipe (`recipe.py`, chosen by a sensitivity ranking) is tried first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 from .accuracy import Attempt, Gate
 from .calibration import CalibrationImage
+from .recipe import Recipe
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
@@ -90,6 +92,17 @@ def quantize_static_qdq(
     )
 
 
+def search_levels(
+    node_names: Sequence[str], *, recipe: Recipe | None, backend: str, always_float: Sequence[str] = ()
+) -> list[tuple[str, list[str]]]:
+    """The float-layer sets an INT8 search tries: the recipe's (when there is one), then the growing
+    `FLOAT_LEVELS`, each on top of the recipe's layers."""
+    kept = sorted(set(always_float) | set(recipe.float_layers(backend, list(node_names)) if recipe else ()))
+    first = [("recipe (sensitivity ranking)", kept)] if recipe else []
+    return first + [(f"recipe {label}" if recipe else label, layers)
+                    for label, layers in float_levels(node_names, kept)]
+
+
 def quantize_onnx_int8(
     *,
     source: Path,
@@ -97,11 +110,12 @@ def quantize_onnx_int8(
     calibration: Sequence[CalibrationImage],
     gate: Gate,
     metadata: ArtifactMetadata,
+    recipe: Recipe | None = None,
 ) -> tuple[Attempt, list[Attempt]]:
     """Write at `out` the first INT8 model of `source` (FP32 ONNX) that passes `gate`.
 
-    Each attempt is saved with `metadata` embedded and judged through ONNX Runtime's Segmenter.
-    Returns (the passing attempt, all attempts).
+    Each attempt is saved with `metadata` embedded and judged through ONNX Runtime's Segmenter; the
+    `recipe`'s float layers are tried first. Returns (the passing attempt, all attempts).
     """
     from .onnx_export import save_and_open
 
@@ -111,4 +125,4 @@ def quantize_onnx_int8(
         quantize_static_qdq(source, out, calibration=calibration, batch=metadata.batch, float_layers=float_layers)
         return save_and_open(onnx.load(str(out)), metadata, out)
 
-    return gate.search(float_levels(nodes), quantize)
+    return gate.search(search_levels(nodes, recipe=recipe, backend="onnxruntime"), quantize)

@@ -24,6 +24,7 @@ from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 from .accuracy import Attempt, Gate
 from .calibration import CalibrationSet, load_calibration
 from .manifest import library_versions, publish, staging_dir
+from .recipe import Recipe, find_recipe
 from .triton_export import export_repository
 
 #: An export target is an exportable row of the runtimes' format table (name, suffix, backend,
@@ -123,6 +124,8 @@ def export(
 
     A wrapping target (`_WRAPPERS`: triton) also takes an exported artifact as `checkpoint_or_model`.
     """
+    from espmed.model import ESPMedSAM
+
     from .graph import ExportGraph, GraphSegmenter, choose_modality
 
     tgt = get_target(target)
@@ -159,8 +162,14 @@ def export(
             GraphSegmenter(graph, meta), {im.path.name: im.image for im in images.held_out},
             max_drop=max_drop, threshold=pre.mask_threshold, batch=meta.batch, on_attempt=stages.attempt,
         )
+    recipe = None
     if tgt.calibrated:
         meta.calibration = images.describe()
+        source = None if isinstance(checkpoint_or_model, ESPMedSAM) else Path(checkpoint_or_model)
+        recipe = find_recipe(options.get("recipe"), source, ckpt_sha)
+        if recipe is not None:
+            meta.extra["recipe"] = recipe.describe()
+            stages.note(f"  float-layer recipe: {recipe.source}")
 
     with staging_dir(final) as tmp:
         fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
@@ -168,7 +177,8 @@ def export(
             graph, fp32_onnx, tgt, batch=batch, dynamic=dynamic, opset=opset, simplify=simplify, stages=stages
         )
         ctx = _Context(
-            target=tgt, tmp=tmp, final=final, fp32_onnx=fp32_onnx, proto=proto, images=images, gate=gate, stages=stages
+            target=tgt, tmp=tmp, final=final, fp32_onnx=fp32_onnx, proto=proto, images=images, gate=gate, stages=stages,
+            recipe=recipe,
         )
         staged = _BUILDERS[tgt.backend](ctx, meta, runtime_precision, options)
         with stages.stage("publish (atomic)"):
@@ -248,6 +258,7 @@ class _Context:
     images: CalibrationSet
     gate: Gate
     stages: _Stages
+    recipe: Recipe | None = None  # INT8: the model's float-layer recipe
 
     def staged(self, name: str | None = None) -> Path:
         return self.tmp / (name or self.final.name)
@@ -292,7 +303,8 @@ def _build_onnx(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, o
         label = f"quantize INT8 (ORT static QDQ, per-channel, symmetric; {n} calibration images) + accuracy gate"
         with ctx.stages.stage(label):
             best, attempts = quantize.quantize_onnx_int8(
-                source=ctx.fp32_onnx, out=out, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta
+                source=ctx.fp32_onnx, out=out, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta,
+                recipe=ctx.recipe,
             )
         ctx.record_gate(meta, best, attempts, {
             "quantized_op_types": list(quantize.QUANTIZED_OP_TYPES),
@@ -315,13 +327,14 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
     xml = ctx.staged()
     if prec == "int8":
         n = len(ctx.images.calibration)
-        with ctx.stages.stage(f"quantize INT8 (NNCF, symmetric; {n} calibration images) + accuracy gate"):
+        settings = _nncf_settings(options, ctx.recipe)
+        loop = "NNCF accuracy control" if settings.accuracy_control else "accuracy gate"
+        with ctx.stages.stage(f"quantize INT8 (NNCF, symmetric; {n} calibration images) + {loop}"):
             model, best, attempts = ovx.quantize_nncf(
                 source=model, out=xml, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta,
-                runtime_precision=runtime_precision,
+                runtime_precision=runtime_precision, settings=settings, recipe=ctx.recipe,
             )
-        quantization = "nncf post-training, performance (symmetric) preset, transformer patterns"
-        ctx.record_gate(meta, best, attempts, {"quantization": quantization})
+        ctx.record_gate(meta, best, attempts, {"quantization": settings.describe()})
     else:
         weights = "FP16 weights, " if prec == "fp16" else ""
         with ctx.stages.stage(f"check OpenVINO ({weights}{runtime_precision}) vs torch"):
@@ -332,6 +345,19 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
             ctx.check(candidate, meta, f"openvino {prec} ({runtime_precision})")
     ovx.embed_metadata(model, meta)
     return ovx.save_ir(model, xml, compress_to_fp16=prec == "fp16")
+
+
+def _nncf_settings(options: dict, recipe: Recipe | None):
+    """NNCF knobs from the export options, else the recipe's SmoothQuant alpha."""
+    from .openvino_export import NncfSettings
+
+    alpha = options.get("smooth_quant_alpha", recipe.smooth_quant_alpha if recipe else None)
+    if alpha is not None and not (alpha == -1 or 0.0 <= float(alpha) <= 1.0):
+        raise ExportError(f"smooth_quant_alpha must be in [0, 1] (or -1: SmoothQuant off), got {alpha}")
+    control = options.get("accuracy_control", False)
+    if not isinstance(control, bool):
+        raise ExportError(f"accuracy_control must be true or false, got {control!r}")
+    return NncfSettings(smooth_quant_alpha=None if alpha is None else float(alpha), accuracy_control=control)
 
 
 def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: str, options: dict) -> list[Path]:
@@ -345,7 +371,8 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
         qdq = ctx.staged(ctx.final.stem + ".qdq-work.onnx")
         with ctx.stages.stage("quantize INT8 QDQ for TensorRT (ORT, symmetric) + accuracy gate"):
             best, attempts = quantize.quantize_onnx_int8(
-                source=ctx.fp32_onnx, out=qdq, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta
+                source=ctx.fp32_onnx, out=qdq, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta,
+                recipe=ctx.recipe,
             )
         ctx.record_gate(meta, best, attempts, {"quantization": "explicit QDQ from onnxruntime static quantization"})
         source = qdq

@@ -65,25 +65,33 @@ class Format:
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _OV_OPTIONS = ("runtime_precision",)
 _TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
+#: INT8 targets: a float-layer recipe (`espmed.export.recipe`); OpenVINO's NNCF adds its own knobs.
+_INT8_OPTIONS = ("recipe",)
+_NNCF_OPTIONS = ("smooth_quant_alpha", "accuracy_control")
+
+
+def _int8(precision: str, *extra: str) -> tuple[str, ...]:
+    return (_INT8_OPTIONS + extra) if precision == "int8" else ()
 
 
 def _onnx(name: str, precision: str, label: str) -> Format:
     return Format(
-        name=name, label=label, backend="onnxruntime", module="onnxruntime", precision=precision, suffixes=(".onnx",)
+        name=name, label=label, backend="onnxruntime", module="onnxruntime", precision=precision, suffixes=(".onnx",),
+        options=_int8(precision),
     )
 
 
 def _openvino(name: str, precision: str, label: str) -> Format:
     return Format(
         name=name, label=label, backend="openvino", module="openvino", precision=precision, suffixes=(".xml",),
-        options=_OV_OPTIONS, runtime_precision="f32",
+        options=_OV_OPTIONS + _int8(precision, *_NNCF_OPTIONS), runtime_precision="f32",
     )
 
 
 def _tensorrt(name: str, precision: str, label: str) -> Format:
     return Format(
         name=name, label=label, backend="tensorrt", module="tensorrt", precision=precision, suffixes=(".engine",),
-        options=_TRT_OPTIONS, needs_gpu=True,
+        options=_TRT_OPTIONS + _int8(precision), needs_gpu=True,
     )
 
 
@@ -103,6 +111,11 @@ FORMATS: tuple[Format, ...] = (
     ),
     _openvino("openvino-fp16", "fp16", "OpenVINO FP16 weights (f32 compute)"),
     _openvino("openvino-int8", "int8", "OpenVINO INT8 (NNCF)"),
+    Format(
+        name="openvino-int8-bf16", label="OpenVINO INT8 IR, BF16 runtime precision (float ops in BF16)",
+        backend="openvino", module="openvino", precision="int8", runtime_precision="bf16",
+        artifact_of="openvino-int8",
+    ),
     _tensorrt("trt-fp32", "fp32", "TensorRT FP32"),
     _tensorrt("trt-fp16", "fp16", "TensorRT FP16"),
     _tensorrt("trt-int8", "int8", "TensorRT INT8"),

@@ -446,6 +446,10 @@ def test_cli_export_prints_artifact_size_and_run_command(tiny_ckpt, tmp_path):
     "args, message",
     [
         (["--target", "onnx", "--modality", "fundus", "--runtime-precision", "bf16"], "does not accept option(s)"),
+        (["--target", "openvino", "--modality", "fundus", "--smooth-quant-alpha", "0.5"],
+         "does not accept option(s) smooth_quant_alpha"),
+        (["--target", "onnx-int8", "--modality", "fundus", "--recipe", "/nonexistent.json"],
+         "cannot read the quantization recipe"),
         (["--target", "trt-fp16", "--modality", "fundus"], "TensorRT"),
         (["--target", "onnx-int8", "--modality", "fundus", "--calib", "/nonexistent"], "calibration folder not found"),
     ],

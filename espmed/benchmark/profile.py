@@ -77,6 +77,7 @@ def profile_openvino(xml: str | Path, threads: int | None = None, precision: str
         "total_ms": total,
         "groups": {g: dict(sorted(v.items(), key=lambda kv: -kv[1])) for g, v in groups.items()},
         "top_nodes": [{"node": k[0], "type": k[1], "kernel": k[2], "ms": v} for k, v in top_nodes],
+        "nodes": [{"node": k[0], "type": k[1], "kernel": k[2], "ms": v} for k, v in per_node.items()],
     }
 
 

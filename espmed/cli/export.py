@@ -41,6 +41,17 @@ def register(app: typer.Typer) -> None:
         runtime_precision: str | None = typer.Option(
             None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record.",
         ),
+        recipe: str | None = typer.Option(
+            None, "--recipe",
+            help="INT8 only: float-layer recipe JSON (default: <checkpoint>.quantization.json if present; 'none').",
+        ),
+        smooth_quant_alpha: float | None = typer.Option(
+            None, "--smooth-quant-alpha", help="openvino-int8 only: NNCF SmoothQuant alpha (default: recipe's/NNCF's).",
+        ),
+        accuracy_control: bool | None = typer.Option(
+            None, "--accuracy-control",
+            help="openvino-int8 only: let NNCF's accuracy-control loop pick float layers (metric: Dice vs FP32).",
+        ),
         workspace_mb: int | None = typer.Option(
             None, "--workspace-mb", help="TensorRT only: workspace limit (default: chosen by TensorRT).",
         ),
@@ -75,7 +86,8 @@ def register(app: typer.Typer) -> None:
         options = {
             k: v
             for k, v in {
-                "runtime_precision": runtime_precision, "workspace_mb": workspace_mb,
+                "runtime_precision": runtime_precision, "recipe": recipe, "smooth_quant_alpha": smooth_quant_alpha,
+                "accuracy_control": accuracy_control, "workspace_mb": workspace_mb,
                 "timing_cache": timing_cache, "max_batch": max_batch,
                 "triton_max_batch": triton_max_batch, "instances": instances,
             }.items()
