@@ -131,6 +131,21 @@ def test_output_files(bench):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_each_row_reports_which_kernels_ran(bench):
+    rep, files, _ = bench
+    onnx_k, bf16_k, torch_k = (_row(rep, name)["kernels"] for name in ("onnx", "openvino-bf16", "torch"))
+    assert any("Conv" in op or "MatMul" in op for op in onnx_k["by_op"]), onnx_k
+    assert set(onnx_k["by_provider"]) == {"CPUExecutionProvider"}
+    # the BF16 row's own precision: most of its time in bf16 primitives
+    assert sum(s for name, s in bf16_k["by_kernel"].items() if name.endswith("_bf16")) > 0.5, bf16_k
+    assert any(op.startswith("aten::") for op in torch_k["by_op"])
+    assert "kernels" not in _row(rep, "trt-fp32")
+    section = files["md"].read_text().split("## Kernels", 1)[1]
+    top_onnx, top_bf16 = next(iter(onnx_k["by_kernel"])), next(iter(bf16_k["by_kernel"]))
+    assert top_bf16.endswith("_bf16") and f"- openvino-bf16: {top_bf16} " in section
+    assert f"- onnx: {top_onnx} " in section and "- torch: aten::" in section
+
+
 def test_cli_reuses_exports_and_max_drop_sets_the_exit_code(bench, data_dir):
     _, _, out = bench
     common = ["bench", "--random-weights", "--preset", "esp-medsam-tiny", "--imgsz", str(SIZE), "--data", str(data_dir),

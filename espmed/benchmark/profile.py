@@ -39,8 +39,11 @@ def role_of(module: str) -> str:
     return role.split(".")[0] if not role.startswith("controllers") else ".".join(role.split(".")[:2])
 
 
-def profile_openvino(xml: str | Path, threads: int | None = None, precision: str = "f32", runs: int = 5) -> dict:
-    """Median per-node real time over `runs` inferences, summed by part, block role and kernel."""
+def profile_openvino(
+    xml: str | Path, threads: int | None = None, precision: str = "f32", runs: int = 5, *, x: np.ndarray | None = None
+) -> dict:
+    """Median per-node real time over `runs` inferences (after one warm-up) on `x` (the model's
+    input shape; seeded noise when None), summed by part, block role, kernel and op type."""
     import openvino as ov
 
     from ..runtimes.openvino_ir import PRECISIONS
@@ -52,7 +55,8 @@ def profile_openvino(xml: str | Path, threads: int | None = None, precision: str
     shape = [d.get_length() if d.is_static else 1 for d in model.input(0).get_partial_shape()]
     compiled = core.compile_model(model, "CPU", {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": PRECISIONS[precision]})
     request = compiled.create_infer_request()
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if x is None:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     request.infer({0: x})
     samples: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for _ in range(runs):

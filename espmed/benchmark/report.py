@@ -105,6 +105,26 @@ def to_csv(report: BenchReport) -> str:
     return buf.getvalue()
 
 
+#: Kernel types per row in bench.md's Kernels section.
+TOP_KERNELS = 4
+
+
+def kernel_lines(report: BenchReport, top: int = TOP_KERNELS) -> list[str]:
+    """Per profiled row: its `top` kernel types (torch: aten ops) with their share of the profiled time."""
+    lines = []
+    for r in report.rows:
+        k = r.get("kernels")
+        if not k:
+            continue
+        if "error" in k:
+            lines.append(f"{r['name']}: not profiled ({k['error']})")
+            continue
+        top_shares = list((k.get("by_kernel") or k["by_op"]).items())[:top]
+        listed = ", ".join(f"{name} {100 * share:.0f} %" for name, share in top_shares)
+        lines.append(f"{r['name']}: {listed} (of {k['total_ms']:.1f} ms)")
+    return lines
+
+
 def to_markdown(report: BenchReport, chart_name: str | None = None) -> str:
     rows = [_cells(r) for r in report.rows]
     keys = list(rows[0].keys()) if rows else []
@@ -113,6 +133,15 @@ def to_markdown(report: BenchReport, chart_name: str | None = None) -> str:
     lines += ["", "| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     for c in rows:
         lines.append("| " + " | ".join(c[k].replace("|", "\\|") for k in keys) + " |")
+    kernels = kernel_lines(report)
+    if kernels:
+        lines += [
+            "", "## Kernels", "",
+            "Share of one profiled inference per kernel type: OpenVINO's executed primitive types (perf "
+            "counters, at the row's precision), ONNX Runtime's op type @ execution provider (its profiler), "
+            "torch's aten ops (self CPU time).", "",
+        ]
+        lines += [f"- {line}" for line in kernels]
     v = report.versions
     lines += ["", "Libraries: " + ", ".join(f"{k} {v[k]}" for k in sorted(v))]
     if chart_name:

@@ -4,7 +4,8 @@
 process start -> first mask (interpreter start, imports, artifact load/compile, first image). The
 worker imports only numpy, `espmed.runtimes` and the backend the artifact needs (torch only for
 the torch reference), so its peak RSS is the backend's own. It writes a result JSON (and, in full
-mode, every image's mask logits at the image's own size to an `.npz`) and exits 0; on an error it
+mode, every image's mask logits at the image's own size to an `.npz`, then one profiled pass:
+which kernels ran, `espmed.benchmark.kernels`) and exits 0; on an error it
 writes `{"status": "failed", "reason": ...}` and exits 1.
 """
 
@@ -39,6 +40,7 @@ def measure(spec: dict, t0: float) -> dict:
     import numpy as np
 
     from espmed.atomic import atomic_open
+    from espmed.benchmark.kernels import row_kernels
     from espmed.io import read_frame
     from espmed.runtimes import load
     from espmed.runtimes.preprocess import preprocess
@@ -123,6 +125,9 @@ def measure(spec: dict, t0: float) -> dict:
             },
         }
     )
+    kernels = row_kernels(seg, x[:1], spec.get("threads"))  # after the timings and the peak RSS
+    if kernels is not None:
+        result["kernels"] = kernels
     return result
 
 
