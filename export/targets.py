@@ -141,8 +141,8 @@ def export(
         raise ExportError("give either a fixed --batch or --dynamic, not both")
     if not 0.0 <= max_drop < 1.0:
         raise ExportError(f"max_drop must be in [0, 1), got {max_drop}")
-    runtime_precision = options.get("runtime_precision", "f32")
-    if runtime_precision not in ("f32", "bf16"):
+    runtime_precision = options.get("runtime_precision")
+    if runtime_precision not in (None, "f32", "bf16"):
         raise ExportError(f"runtime_precision must be f32 or bf16, got {runtime_precision!r}")
     _check_backend(tgt)
 
@@ -170,6 +170,9 @@ def export(
         if recipe is not None:
             meta.extra["recipe"] = recipe.describe()
             stages.note(f"  float-layer recipe: {recipe.source}")
+            if tgt.backend == "openvino" and runtime_precision is None:
+                runtime_precision = recipe.runtime_precision  # the mix the ranking chose and gated
+    runtime_precision = runtime_precision or "f32"
 
     with staging_dir(final) as tmp:
         fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
@@ -207,12 +210,12 @@ def _export_fp32_onnx(
     """The FP32 ONNX every target starts from, saved at `path`; returns the ModelProto."""
     from . import onnx_export
 
-    # OpenVINO FP32 converts from a dynamic-batch graph and is then fixed to the batch
-    # asked for: from a static graph the converter folds every window-attention bias,
-    # expanded over all windows, into the IR (2x the weights at 1024^2). FP16/INT8 keep
-    # the static graph: FP16-compressing the unfolded bias path lost Dice (0.46 on the
-    # golden weights at 1024) where the folded one holds 0.997.
-    onnx_dynamic = dynamic or (target.backend == "openvino" and target.precision == "fp32")
+    # OpenVINO FP32 and INT8 convert from a dynamic-batch graph and are then fixed to the
+    # batch asked for: from a static graph the converter folds every window-attention bias,
+    # expanded over all windows, into the IR (2x the weights at 1024^2; INT8 53 MB instead
+    # of 19). FP16 keeps the static graph: FP16-compressing the unfolded bias path lost Dice
+    # (0.46 on the golden weights at 1024) where the folded one holds 0.997.
+    onnx_dynamic = dynamic or (target.backend == "openvino" and target.precision in ("fp32", "int8"))
     shape = "dynamic batch" if onnx_dynamic else f"batch {batch}"
     with stages.stage(f"export ONNX ({onnx_export.EXPORTER}, opset {opset}, {shape}, simplify: {simplify})"):
         size = graph.config.image_size

@@ -8,10 +8,11 @@
 2. Profile that INT8 model (CPU perf counters) for each block's share of run time.
 3. For each block (about 20: patch embed, the conv stage, each TinyViT block, the downsamples,
    neck, SPPG, the decoder's parts), measure on the held-out images, against the FP32 IR:
-   the Dice of the INT8 model with only that block back in float ("float only", the gain) and with
-   only that block quantized ("int8 only", its cost). A block goes back to float by bypassing the
-   FakeQuantize ops that feed it; its weights keep their int8 values (dequantized), so the
-   ranking slightly understates what a real float block recovers.
+   the Dice of the INT8 model with only that block quantized (its cost). A block goes back to float
+   by bypassing the FakeQuantize ops that feed it and restoring its FP32 weights. This ranking
+   model is quantized without bias correction and without SmoothQuant: a corrected bias
+   compensates its own quantized input, and smoothed weights their scaled input, and both would
+   be wrong once that block is float again. The final re-quantization uses the real settings.
 4. Add blocks to the float set, most harmful per millisecond first, until the gate passes
    (every held-out image's Dice vs FP32 >= 1 - max_drop); then re-quantize with that set as
    NNCF's ignored scope (statistics and bias correction redone) and check again, adding blocks
@@ -72,17 +73,25 @@ def block_regex(block: str) -> str:
     return "^" + re.escape(block) + r"([./]|$)"
 
 
-def bypass(model, blocks: set[str], *, keep: bool = False):
-    """A copy of INT8 `model` with the FakeQuantize inputs of `blocks` removed (or, `keep`: of every
-    other block), so those blocks compute in float on dequantized int8 weights."""
+def bypass(model, source, blocks: set[str], *, keep: bool = False):
+    """A copy of INT8 `model` in which `blocks` (or, `keep`: every other block) compute in float:
+    the FakeQuantize ops feeding them are bypassed and their int8 weights are replaced by the FP32
+    weights of `source` (the same op names)."""
     m = model.clone()
+    floats = {op.get_friendly_name(): op for op in source.get_ordered_ops()}
+
+    def in_float(node) -> bool:
+        return (block_of(node.get_friendly_name()) in blocks) != keep
+
     for op in m.get_ordered_ops():
-        if op.get_type_name() != "FakeQuantize":
-            continue
-        for target in list(op.output(0).get_target_inputs()):
-            inside = block_of(target.get_node().get_friendly_name()) in blocks
-            if inside != keep:
-                target.replace_source_output(op.input_value(0))
+        if op.get_type_name() == "FakeQuantize":
+            for target in list(op.output(0).get_target_inputs()):
+                if in_float(target.get_node()):
+                    target.replace_source_output(op.input_value(0))
+        elif op.get_type_name() in QUANTIZABLE_OV_TYPES and in_float(op) and op.get_friendly_name() in floats:
+            weight = op.input_value(1).get_node()
+            if weight.get_type_name() == "Multiply":  # NNCF's int8 Constant -> Convert -> Multiply(scale)
+                op.input(1).replace_source_output(floats[op.get_friendly_name()].input_value(1))
     return m
 
 
@@ -112,14 +121,20 @@ class Judge:
         return 1e3 * float(np.median(times))
 
 
-def quantize(source, inputs: list[np.ndarray], settings: NncfSettings, float_layers: list[str]):
-    """What `export.openvino_export.quantize_nncf` does for one float-layer set."""
+def quantize(
+    source, inputs: list[np.ndarray], settings: NncfSettings, float_layers: list[str], *, bias_correction: bool = True
+):
+    """What `export.openvino_export.quantize_nncf` does for one float-layer set (optionally without
+    bias correction, for the bypass ranking)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
+    advanced = settings.advanced() or AdvancedQuantizationParameters()
+    advanced.disable_bias_correction = not bias_correction
     return nncf.quantize(
         source.clone(), nncf.Dataset(inputs), preset=nncf.QuantizationPreset.PERFORMANCE,
         model_type=nncf.ModelType.TRANSFORMER, subset_size=len(inputs),
-        fast_bias_correction=settings.fast_bias_correction, advanced_parameters=settings.advanced(),
+        fast_bias_correction=settings.fast_bias_correction, advanced_parameters=advanced,
         ignored_scope=nncf.IgnoredScope(names=float_layers, types=list(FLOAT_OV_TYPES), validate=False),
     )
 
@@ -174,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     data = [im.x[None] for im in images.calibration]
     settings = NncfSettings(smooth_quant_alpha=args.alpha)
 
-    say(f"quantize everything ({len(images.calibration)} calibration images, {settings.describe()})")
-    full = quantize(source, data, settings, [])
+    ranking_settings = NncfSettings(smooth_quant_alpha=-1.0)
+    say(f"quantize everything ({len(images.calibration)} calibration images, {ranking_settings.describe()}, "
+        "no bias correction)")
+    full = quantize(source, data, ranking_settings, [], bias_correction=False)
     int8_xml = args.work / "int8-all.xml"
     embed_metadata(full, meta)
     save_ir(full, int8_xml, compress_to_fp16=False)
@@ -187,15 +204,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for b in blocks:
-        gain = judge.compare(bypass(full, {b}), "f32")
-        alone = judge.compare(bypass(full, {b}, keep=True), "f32")
+        alone = judge.compare(bypass(full, source, {b}, keep=True), "f32")
         rows.append({
             "block": b, "time_share": times.get(b, 0.0) / total, "ms": times.get(b, 0.0),
-            "min_dice_float_only": min(gain.dice), "min_dice_int8_only": min(alone.dice),
+            "min_dice_int8_only": min(alone.dice), "mean_dice_int8_only": float(np.mean(alone.dice)),
             "dice_cost": 1.0 - min(alone.dice),
         })
-        say(f"{b:<40} time {100 * rows[-1]['time_share']:5.1f} %  float-only min Dice {min(gain.dice):.4f}  "
-            f"int8-only min Dice {min(alone.dice):.4f}")
+        say(f"{b:<40} time {100 * rows[-1]['time_share']:5.1f} %  int8-only min Dice {min(alone.dice):.4f}")
     rows.sort(key=lambda r: -(r["dice_cost"] + 1e-4) / max(r["time_share"], 1e-3))
 
     chosen: list[str] = []
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in [None, *rows]:
         if r is not None:
             chosen.append(r["block"])
-        c = judge.compare(bypass(full, set(chosen)), "f32")
+        c = judge.compare(bypass(full, source, set(chosen)), "f32")
         steps.append({"float_blocks": list(chosen), "min_dice": min(c.dice), "passes": c.passes(args.max_drop)})
         say(f"bypass {len(chosen):2d} blocks: min Dice {min(c.dice):.4f}")
         if c.passes(args.max_drop):
@@ -234,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     float_share = sum(times.get(b, 0.0) for b in chosen) / total
     ranking = {
         "modality": args.modality, "calibration": images.describe(), "max_drop": args.max_drop,
-        "nncf": settings.describe(), "threads": args.threads, "all_quantized_min_dice": min(base.dice),
+        "nncf": settings.describe(),
+        "ranking_nncf": ranking_settings.describe(), "threads": args.threads, "all_quantized_min_dice": min(base.dice),
         "blocks": rows, "greedy_bypass": steps, "verified": verified, "float_time_share": float_share,
         "fp32_ms": fp32_ms, "seconds": round(time.time() - started),
         "command": "python benchmarks/quantization/sensitivity.py " + " ".join(argv or []),
@@ -258,15 +274,17 @@ def report(r: dict) -> str:
         "",
         f"- calibration: {r['calibration']['images']} images ({r['calibration']['source']}, sha256 "
         f"{r['calibration']['sha256'][:12]}…); held out: {len(r['calibration']['held_out'])} images",
-        f"- NNCF: {r['nncf']}; all blocks quantized: min Dice vs FP32 {r['all_quantized_min_dice']:.4f}",
+        f"- NNCF: {r['nncf']}; all blocks quantized (ranking model: no bias correction, no SmoothQuant): "
+        "min Dice vs FP32 "
+        f"{r['all_quantized_min_dice']:.4f}",
         f"- gate: every held-out image's Dice vs OpenVINO FP32 >= {1 - r['max_drop']:.2f}; {r['threads']} threads",
         "",
-        "| block | INT8 time share | min Dice, only it float | min Dice, only it INT8 | Dice cost |",
+        "| block | INT8 time share | min Dice, only it INT8 | mean Dice, only it INT8 | Dice cost |",
         "|---|---:|---:|---:|---:|",
     ]
     for b in sorted(r["blocks"], key=lambda b: -b["dice_cost"])[:15]:
-        lines.append(f"| {b['block']} | {100 * b['time_share']:.1f} % | {b['min_dice_float_only']:.4f} | "
-                     f"{b['min_dice_int8_only']:.4f} | {b['dice_cost']:.4f} |")
+        lines.append(f"| {b['block']} | {100 * b['time_share']:.1f} % | {b['min_dice_int8_only']:.4f} | "
+                     f"{b['mean_dice_int8_only']:.4f} | {b['dice_cost']:.4f} |")
     v = r["verified"]
     lines += ["", f"Chosen float blocks ({100 * r['float_time_share']:.1f} % of INT8 run time): "
               + (", ".join(v["float_blocks"]) or "none"), ""]
