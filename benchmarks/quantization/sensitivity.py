@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def block_of(name: str) -> str:
     return "graph"
 
 
-def block_regex(block: str) -> str:
-    """The recipe's pattern for a block: its module path, matched at a boundary."""
-    return "^" + re.escape(block) + r"([./]|$)"
+def block_regex(block: str, blocks: list[str]) -> str:
+    """The recipe's pattern for a block: its module path at a boundary; only its own nodes (`/`)
+    when other blocks sit under it (`decoder` vs `decoder.transformer`)."""
+    nested = any(b.startswith(block + ".") for b in blocks)
+    return "^" + re.escape(block) + ("(/|$)" if nested else r"([./]|$)")
 
 
 def bypass(model, source, blocks: set[str], *, keep: bool = False):
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     verified = None
     remaining = [r["block"] for r in rows if r["block"] not in chosen]
     while verified is None:
-        rx = re.compile("|".join(block_regex(b) for b in chosen)) if chosen else None
+        rx = re.compile("|".join(block_regex(b, blocks) for b in chosen)) if chosen else None
         float_layers = [n for n in names if rx and rx.search(n)]
         model = quantize(source, data, settings, float_layers)
         mixes = {}
@@ -253,11 +256,11 @@ def main(argv: list[str] | None = None) -> None:
         "ranking_nncf": ranking_settings.describe(), "threads": args.threads, "all_quantized_min_dice": min(base.dice),
         "blocks": rows, "greedy_bypass": steps, "verified": verified, "float_time_share": float_share,
         "fp32_ms": fp32_ms, "seconds": round(time.time() - started),
-        "command": "python benchmarks/quantization/sensitivity.py " + " ".join(argv or []),
+        "command": "python benchmarks/quantization/sensitivity.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     recipe = Recipe(
         checkpoint_sha256=file_sha256(checkpoint),
-        float_blocks={"openvino": [block_regex(b) for b in chosen], "onnxruntime": [block_regex(b) for b in chosen]},
+        float_blocks={backend: [block_regex(b, blocks) for b in chosen] for backend in ("openvino", "onnxruntime")},
         smooth_quant_alpha=args.alpha, runtime_precision=verified["runtime_precision"], ranking=ranking,
     )
     path = args.recipe or recipe_beside(checkpoint)
