@@ -87,3 +87,17 @@ def test_calibration_folder_with_calibration_and_held_out_subfolders(tmp_path):
     assert [im.path.name for im in got.held_out] == ["slice.npy"]
     assert got.held_out[0].x.shape == (3, 64, 64)
 
+
+
+def test_the_shipped_recipe_belongs_to_the_shipped_checkpoint():
+    from espmed.atomic import file_sha256
+    from espmed.model import default_checkpoint
+
+    ckpt = default_checkpoint()
+    recipe = find_recipe(None, ckpt, file_sha256(ckpt))
+    assert recipe is not None and recipe.runtime_precision in ("f32", "bf16")
+    assert recipe.float_blocks["openvino"] and recipe.float_blocks["onnxruntime"]
+    verified = recipe.ranking["verified"]
+    assert verified["mixes"][recipe.runtime_precision]["passes"]
+    names = ["trunk.layers.0.blocks.0.conv1/Conv_3", "trunk.layers.3.blocks.1.mlp.fc1/MatMul_9"]
+    assert recipe.float_layers("openvino", names) == names[:1]
