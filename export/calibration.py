@@ -60,6 +60,19 @@ def image_files(directory: Path) -> list[Path]:
     return files
 
 
+def split_folders(directory: Path) -> tuple[Path, Path] | None:
+    """(calibration/, held_out/) when `directory` is split that way, else None."""
+    split = directory / "calibration", directory / "held_out"
+    return split if all(d.is_dir() for d in split) else None
+
+
+def set_files(directory: str | Path | None) -> list[Path]:
+    """Every file a calibration set from `directory` reads (calibration and held out; default: bundled)."""
+    source = Path(directory) if directory is not None else default_calibration_dir()
+    split = split_folders(source)
+    return image_files(split[0]) + image_files(split[1]) if split else image_files(source)
+
+
 def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImage]:
     loaded = []
     for f in files:
@@ -72,8 +85,8 @@ def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImag
 def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
     """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
     source = Path(directory) if directory is not None else default_calibration_dir()
-    split = source / "calibration", source / "held_out"
-    if all(d.is_dir() for d in split):
+    split = split_folders(source)
+    if split is not None:
         calib, held = (_load(image_files(d), input_size, mean, std) for d in split)
     else:
         loaded = _load(image_files(source), input_size, mean, std)

@@ -101,3 +101,19 @@ def test_the_shipped_recipe_belongs_to_the_shipped_checkpoint():
     assert verified["mixes"][recipe.runtime_precision]["passes"]
     names = ["trunk.layers.0.blocks.0.conv1/Conv_3", "trunk.layers.3.blocks.1.mlp.fc1/MatMul_9"]
     assert recipe.float_layers("openvino", names) == names[:1]
+
+
+def test_bench_measures_a_calibration_folder_on_its_held_out_images(tmp_path):
+    from PIL import Image
+
+    from espmed.benchmark.data import list_samples
+    from espmed.export.calibration import set_files
+
+    for sub in ("calibration", "held_out", "held_out/masks"):
+        (tmp_path / sub).mkdir()
+    np.save(tmp_path / "calibration" / "c.npy", np.ones((32, 32), np.int16))
+    np.save(tmp_path / "held_out" / "h.npy", np.ones((32, 32), np.int16))
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "held_out" / "masks" / "h.png")
+    [sample] = list_samples(tmp_path)
+    assert sample.name == "h" and sample.mask == str((tmp_path / "held_out" / "masks" / "h.png").resolve())
+    assert [p.name for p in set_files(tmp_path)] == ["c.npy", "h.npy"]

@@ -2,7 +2,9 @@
 
 A folder may hold a `samples.json` index (a list of `{"file", "modality", "mask"}` entries, as the
 bundled `espmed/assets/samples/` does); otherwise every image file in it is used, and a mask is
-the file of the same name in its `masks/` subfolder. Torch-free: the benchmark worker reads the
+the file of the same name (or stem, `.png`) in its `masks/` subfolder. A calibration folder (with
+`calibration/` and `held_out/`, `benchmarks/quantization/make_calibration.py`) is measured on its
+held-out images. Torch-free: the benchmark worker reads the
 same list. Images are read with `espmed.io.read_frame` (as `espmed predict` sees them), masks with
 `espmed.io.read_mask`.
 """
@@ -39,6 +41,8 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
     folder = Path(folder) if folder is not None else bundled_samples_dir()
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: no such data folder")
+    if (folder / "calibration").is_dir() and (folder / "held_out").is_dir():
+        folder = folder / "held_out"  # a calibration folder: measure on what INT8 is not calibrated on
     index = folder / "samples.json"
     if index.is_file():
         try:
@@ -59,6 +63,7 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
         samples = []
         for p in files:
             mask = folder / "masks" / p.name
+            mask = mask if mask.is_file() else folder / "masks" / f"{p.stem}.png"
             samples.append(Sample(p.stem, str(p.resolve()), str(mask.resolve()) if mask.is_file() else None))
     for s in samples:
         for path in (s.image, s.mask):

@@ -212,10 +212,10 @@ def _random_weights(
 
 
 def _calib_sha(data: Path | None) -> str:
-    from espmed.export.calibration import default_calibration_dir, image_files
+    from espmed.export.calibration import set_files
     from espmed.export.manifest import files_sha256
 
-    return files_sha256(image_files(Path(data) if data is not None else default_calibration_dir()))
+    return files_sha256(set_files(data))
 
 
 def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
