@@ -5,8 +5,8 @@ request): the uint8 image (`image`, (n, H, W, 3), any size; pre- and post-proces
 mask comes back at the image's size) or the preprocessed tensor (`images`, (n, 3, S, S)). The
 requests of one dynamic batch run as one graph call. The stub runs its own interpreter: espmed must
 be importable there, or listed in `ESPMED_SITE_PACKAGES` (site-packages folders, os.pathsep-separated).
-Output tensors go through DLPack: the stub's `Tensor(name, ndarray)` predates numpy 2's array
-descriptor and sends no bytes under numpy 2.
+Tensors go through DLPack both ways: the stub's `Tensor(name, ndarray)` predates numpy 2's array
+descriptor and sends no bytes under numpy 2, and its `as_numpy()` misread large inputs.
 """
 
 import json
@@ -41,6 +41,13 @@ def _device(kind: str, device_id: str, backend: str) -> str:
     return f"CUDA:{device_id}" if backend == "tensorrt" else "GPU"
 
 
+def _array(tensor: "pb_utils.Tensor") -> np.ndarray:
+    """An input tensor's values, read through DLPack and copied out of the request's shared memory:
+    under numpy 2 the stub's `as_numpy()` returned other values for a 1024^2 request (served mean
+    logit -15.9 where the same graph gives -8.1)."""
+    return np.array(np.from_dlpack(tensor), copy=True)
+
+
 def _response(outputs: dict) -> "pb_utils.InferenceResponse":
     tensors = [pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(v)) for name, v in outputs.items()]
     return pb_utils.InferenceResponse(tensors)
@@ -73,10 +80,10 @@ class TritonPythonModel:
             if (image is None) == (tensor is None):
                 responses[i] = _error(f"send exactly one of the inputs {IMAGE_INPUT!r} and {self.input_name!r}")
             elif tensor is not None:
-                tensors.append((i, tensor.as_numpy()))
+                tensors.append((i, _array(tensor)))
             else:
                 try:
-                    prepared = [self.segmenter.preprocess(im) for im in image.as_numpy()]
+                    prepared = [self.segmenter.preprocess(im) for im in _array(image)]
                 except (EspmedError, ValueError) as exc:
                     responses[i] = _error(first_line(exc))
                     continue
