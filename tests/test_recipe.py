@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,21 @@ def test_bench_measures_a_calibration_folder_on_its_held_out_images(tmp_path):
     [sample] = list_samples(tmp_path)
     assert sample.name == "h" and sample.mask == str((tmp_path / "held_out" / "masks" / "h.png").resolve())
     assert [p.name for p in set_files(tmp_path)] == ["c.npy", "h.npy"]
+
+
+def test_bench_calibrates_a_trained_model_on_its_modalitys_bundled_images(tmp_path):
+    from espmed.benchmark.data import list_samples
+    from espmed.benchmark.harness import BenchOptions, calibration_dir
+    from espmed.model import default_checkpoint
+
+    model = {"modality": "microscopy"}
+    trained = BenchOptions(checkpoint=default_checkpoint())
+    got = calibration_dir(trained, model, tmp_path)
+    nuclei = sorted(Path(s.image).name for s in list_samples() if s.modality == "microscopy")
+    assert got == tmp_path / "calibration" / "microscopy" and sorted(p.name for p in got.iterdir()) == nuclei
+    assert calibration_dir(BenchOptions(checkpoint=None), model, tmp_path) is None  # random weights: all
+    folder = tmp_path / "own"
+    folder.mkdir()
+    assert calibration_dir(BenchOptions(checkpoint=default_checkpoint(), data=folder), model, tmp_path) == folder
+    other = calibration_dir(trained, {"modality": "ct-lesion"}, tmp_path)  # no bundled image of it: all
+    assert other is None

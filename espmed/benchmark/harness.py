@@ -218,7 +218,28 @@ def _calib_sha(data: Path | None) -> str:
     return files_sha256(set_files(data))
 
 
-def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
+def calibration_dir(opts: BenchOptions, model: dict, out: Path) -> Path | None:
+    """Where INT8 exports calibrate and gate: `--data` as given, except that a trained checkpoint on
+    an indexed folder (the bundled samples) uses only the images of its modality (copied into
+    `out/calibration/<modality>/`): another modality's images through this controller say nothing
+    about its masks, and an INT8 gate on them refuses what the modality's own images accept."""
+    if opts.checkpoint is None:
+        return opts.data
+    folder = Path(opts.data) if opts.data is not None else None
+    if folder is not None and not (folder / "samples.json").is_file():
+        return opts.data
+    ours = [s for s in list_samples(folder) if s.modality == model["modality"]]
+    if not ours:
+        return opts.data
+    dest = out / "calibration" / model["modality"]
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for s in ours:
+        shutil.copyfile(s.image, dest / Path(s.image).name)
+    return dest
+
+
+def _export_key(target: str, model: dict, opts: BenchOptions, out: Path) -> dict:
     """What a cached export of `target` must have been made from."""
     from .machine import library_versions
 
@@ -230,7 +251,7 @@ def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
         "modality": model["modality"],
         "batch": opts.batch,
         "dynamic": opts.batch > 1,
-        "calibration_sha256": _calib_sha(opts.data) if calibrated else None,
+        "calibration_sha256": _calib_sha(calibration_dir(opts, model, out)) if calibrated else None,
         "int8_gate_max_drop": opts.max_drop if calibrated else None,
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
@@ -251,7 +272,7 @@ def _cached(record_path: Path, key: dict) -> tuple[Path, bool, float] | None:
 
 def cached_export(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float] | None:
     """(artifact, True, seconds it took) of the cached export of `target` in `out`, or None."""
-    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts))
+    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts, out))
 
 
 def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
@@ -260,7 +281,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
 
     dest = out / "artifacts" / target
     record_path = dest / "bench-export.json"
-    key = _export_key(target, model, opts)
+    key = _export_key(target, model, opts, out)
     found = _cached(record_path, key)
     if found is not None:
         return found
@@ -275,7 +296,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
             imgsz=model["image_size"],
             batch=1,
             dynamic=opts.batch > 1,
-            calib=opts.data,
+            calib=calibration_dir(opts, model, out),
             **gate,
         )
     seconds = time.perf_counter() - t
@@ -485,7 +506,7 @@ def _estimator(
     targets = {s.target for s in stages if s.kind == "export"}
     cached = {t for t in targets if cached_export(t, model, opts, out) is not None}
     calibrating = any(s.calibrated and s.target not in cached for s in stages)
-    calib, held, attempts = _calibration_work(opts.data) if calibrating else (0, 0, 0)
+    calib, held, attempts = _calibration_work(calibration_dir(opts, model, out)) if calibrating else (0, 0, 0)
     work = eta.Workload(
         images=images, warmup=opts.warmup, runs=opts.runs, batch=opts.batch,
         calib_images=calib, gated_images=held, attempts=attempts,
@@ -496,7 +517,7 @@ def _estimator(
 
 def _calibration_work(data: Path | None) -> tuple[int, int, int]:
     """(calibration images, held-out images, INT8 attempts at most) of an INT8 export from `data`:
-    the exporter's own split (read at a tiny size) and its fallback levels."""
+    the exporter's own split (read at a tiny size), its fallback levels and a recipe's attempt."""
     from espmed.export.calibration import load_calibration
     from espmed.export.quantize import FLOAT_LEVELS
 
@@ -504,7 +525,7 @@ def _calibration_work(data: Path | None) -> tuple[int, int, int]:
         images = load_calibration(data, 32, 0.0, 1.0)
     except EspmedError:  # the export will fail and say why
         return 0, 0, 0
-    return len(images.calibration), len(images.held_out), len(FLOAT_LEVELS)
+    return len(images.calibration), len(images.held_out), len(FLOAT_LEVELS) + 1
 
 
 def _model_and_samples(
