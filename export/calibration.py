@@ -66,11 +66,21 @@ def split_folders(directory: Path) -> tuple[Path, Path] | None:
     return split if all(d.is_dir() for d in split) else None
 
 
-def set_files(directory: str | Path | None) -> list[Path]:
-    """Every file a calibration set from `directory` reads (calibration and held out; default: bundled)."""
+def split_files(directory: str | Path | None) -> tuple[list[Path], list[Path]]:
+    """(calibration files, held-out files) of `directory` (default: bundled samples): its
+    `calibration/` and `held_out/` subfolders, else odd positions held out (one file serves both)."""
     source = Path(directory) if directory is not None else default_calibration_dir()
     split = split_folders(source)
-    return image_files(split[0]) + image_files(split[1]) if split else image_files(source)
+    if split is not None:
+        return image_files(split[0]), image_files(split[1])
+    files = image_files(source)
+    return (files, files) if len(files) == 1 else (files[0::2], files[1::2])
+
+
+def set_files(directory: str | Path | None) -> list[Path]:
+    """Every file a calibration set from `directory` reads (calibration and held out)."""
+    calib, held = split_files(directory)
+    return sorted(set(calib) | set(held))
 
 
 def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImage]:
@@ -85,11 +95,6 @@ def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImag
 def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
     """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
     source = Path(directory) if directory is not None else default_calibration_dir()
-    split = split_folders(source)
-    if split is not None:
-        calib, held = (_load(image_files(d), input_size, mean, std) for d in split)
-    else:
-        loaded = _load(image_files(source), input_size, mean, std)
-        calib, held = (loaded, loaded) if len(loaded) == 1 else (loaded[0::2], loaded[1::2])
+    calib, held = (_load(files, input_size, mean, std) for files in split_files(source))
     label = "bundled samples" if directory is None else str(source)
     return CalibrationSet(label, calib, held, files_sha256(im.path for im in calib))

@@ -51,14 +51,15 @@ def ops_of_types(model, types: Sequence[str]) -> list[str]:
 
 
 def save_and_open(
-    model, meta: ArtifactMetadata, xml_path: Path, *, compress_to_fp16: bool, precision: str
+    model, meta: ArtifactMetadata, xml_path: Path, *, compress_to_fp16: bool, precision: str,
+    threads: int | None = None,
 ) -> Segmenter:
     """Embed `meta`, save the IR at `xml_path` and open it as a device would (the gate's candidate)."""
     from espmed.runtimes import load
 
     embed_metadata(model, meta)
     save_ir(model, xml_path, compress_to_fp16=compress_to_fp16)
-    return load(xml_path, verify=False, precision=precision)
+    return load(xml_path, verify=False, precision=precision, threads=threads)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,22 +68,51 @@ class NncfSettings:
 
     smooth_quant_alpha: float | None = None  # SmoothQuant alpha for MatMul; None: NNCF's default
     fast_bias_correction: bool = False  # False: NNCF's full bias correction (slower, closer to FP32)
+    bias_correction: bool = True  # False only for the sensitivity ranking's bypass model
     accuracy_control: bool = False  # nncf.quantize_with_accuracy_control, Dice vs FP32 as the metric
 
     def describe(self) -> dict:
         return {
             "tool": "nncf post-training", "preset": "performance (symmetric)", "model_type": "transformer",
             "smooth_quant_alpha": self.smooth_quant_alpha if self.smooth_quant_alpha is not None else "nncf default",
-            "fast_bias_correction": self.fast_bias_correction, "accuracy_control": self.accuracy_control,
+            "fast_bias_correction": self.fast_bias_correction, "bias_correction": self.bias_correction,
+            "accuracy_control": self.accuracy_control,
         }
 
     def advanced(self):
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-        if self.smooth_quant_alpha is None:
-            return None
-        alphas = AdvancedSmoothQuantParameters(matmul=self.smooth_quant_alpha)
-        return AdvancedQuantizationParameters(smooth_quant_alphas=alphas)
+        advanced = AdvancedQuantizationParameters(disable_bias_correction=not self.bias_correction)
+        if self.smooth_quant_alpha is not None:
+            advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=self.smooth_quant_alpha)
+        return advanced
+
+    def common(self, subset_size: int) -> dict:
+        """The keyword arguments `nncf.quantize` and `nncf.quantize_with_accuracy_control` share."""
+        import nncf
+
+        return dict(
+            preset=nncf.QuantizationPreset.PERFORMANCE, model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=subset_size, fast_bias_correction=self.fast_bias_correction,
+        )
+
+
+def ignored_scope(float_layers: Sequence[str]):
+    """NNCF's ignored scope: `float_layers` by name plus the op types that always stay float."""
+    import nncf
+
+    return nncf.IgnoredScope(names=list(float_layers), types=list(FLOAT_OV_TYPES), validate=False)
+
+
+def nncf_quantize(source, inputs: Sequence[np.ndarray], *, settings: NncfSettings, float_layers: Sequence[str]):
+    """One NNCF post-training INT8 of `source` (FP32 ov.Model, not modified) on `inputs` (model
+    input arrays), `float_layers` kept float."""
+    import nncf
+
+    return nncf.quantize(
+        source.clone(), nncf.Dataset(list(inputs)), ignored_scope=ignored_scope(float_layers),
+        advanced_parameters=settings.advanced(), **settings.common(len(inputs)),
+    )
 
 
 class _CompiledSegmenter(Segmenter):
@@ -123,15 +153,8 @@ def quantize_nncf(
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    data = nncf.Dataset([np.repeat(im.x[None], max(metadata.batch, 1), axis=0) for im in calibration])
+    inputs = [np.repeat(im.x[None], max(metadata.batch, 1), axis=0) for im in calibration]
     last: list = []  # the search stops at the first passing model, so the last one is it
-    common = dict(
-        preset=nncf.QuantizationPreset.PERFORMANCE, model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration), fast_bias_correction=settings.fast_bias_correction,
-    )
-
-    def scope(float_layers: list[str]):
-        return nncf.IgnoredScope(names=list(float_layers), types=list(FLOAT_OV_TYPES), validate=False)
 
     def stage(model, float_layers: list[str]) -> Segmenter:
         last[:] = [model]
@@ -139,10 +162,7 @@ def quantize_nncf(
         return save_and_open(model, metadata, probe, compress_to_fp16=False, precision=runtime_precision)
 
     def quantize(float_layers: list[str]) -> Segmenter:
-        model = nncf.quantize(
-            source.clone(), data, ignored_scope=scope(float_layers), advanced_parameters=settings.advanced(), **common
-        )
-        return stage(model, float_layers)
+        return stage(nncf_quantize(source, inputs, settings=settings, float_layers=float_layers), float_layers)
 
     levels = search_levels(
         ops_of_types(source, QUANTIZABLE_OV_TYPES), recipe=recipe, backend="openvino",
@@ -160,8 +180,9 @@ def quantize_nncf(
         return min(dice), dice
 
     model = nncf.quantize_with_accuracy_control(
-        source.clone(), data, indices, min_dice, max_drop=gate.max_drop, drop_type=nncf.DropType.ABSOLUTE,
-        ignored_scope=scope(levels[0][1]), advanced_quantization_parameters=settings.advanced(), **common,
+        source.clone(), nncf.Dataset(inputs), indices, min_dice, max_drop=gate.max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, ignored_scope=ignored_scope(levels[0][1]),
+        advanced_quantization_parameters=settings.advanced(), **settings.common(len(inputs)),
     )
     float_layers = sorted(set(ops_of_types(source, QUANTIZABLE_OV_TYPES)) - quantized_ops(model))
     best, attempts = gate.search([("nncf accuracy control", float_layers)], lambda layers: stage(model, layers))

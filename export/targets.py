@@ -124,8 +124,6 @@ def export(
 
     A wrapping target (`_WRAPPERS`: triton) also takes an exported artifact as `checkpoint_or_model`.
     """
-    from espmed.model import ESPMedSAM
-
     from .graph import ExportGraph, GraphSegmenter, choose_modality
 
     tgt = get_target(target)
@@ -165,7 +163,7 @@ def export(
     recipe = None
     if tgt.calibrated:
         meta.calibration = images.describe()
-        source = None if isinstance(checkpoint_or_model, ESPMedSAM) else Path(checkpoint_or_model)
+        source = Path(checkpoint_or_model) if ckpt_sha else None  # no hash: an in-memory model
         recipe = find_recipe(options.get("recipe"), source, ckpt_sha)
         if recipe is not None:
             meta.extra["recipe"] = recipe.describe()

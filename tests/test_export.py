@@ -465,3 +465,11 @@ def test_cli_errors_are_one_line_exit_2(tiny_ckpt, tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:")
     assert [p for p in tmp_path.iterdir() if p.is_file()] == []
+
+
+def test_openvino_int8_with_nncf_accuracy_control_is_gated_and_recorded(tiny_ckpt, tmp_path):
+    r = export(tiny_ckpt, "openvino-int8", tmp_path, modality="fundus", accuracy_control=True,
+               max_drop=UNTRAINED_MAX_DROP)
+    assert r.metadata.extra["quantization"]["accuracy_control"] is True
+    assert r.metadata.accuracy["gate"]["chosen"] == "nncf accuracy control"
+    assert min(r.metadata.accuracy["dice"]) >= 1 - UNTRAINED_MAX_DROP

@@ -18,21 +18,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sensitivity import Judge, quantize  # the sibling script
+from make_calibration import evenly  # the sibling scripts
+from sensitivity import Judge
 
 from espmed.atomic import file_sha256, write_text
 from espmed.export import export
 from espmed.export.accuracy import Gate
 from espmed.export.calibration import load_calibration
 from espmed.export.manifest import files_sha256
-from espmed.export.openvino_export import QUANTIZABLE_OV_TYPES, NncfSettings, ops_of_types
+from espmed.export.openvino_export import QUANTIZABLE_OV_TYPES, NncfSettings, nncf_quantize, ops_of_types
 from espmed.export.recipe import find_recipe
 from espmed.runtimes import load
-
-
-def spread(n_total: int, n: int) -> list[int]:
-    """`n` indices spread over range(n_total), so a small set still covers every volume."""
-    return sorted(set(np.linspace(0, n_total - 1, n).round().astype(int).tolist()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     x = images.held_out[0].x[None]
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        picked = [images.calibration[i] for i in spread(len(images.calibration), min(n, len(images.calibration)))]
+        picked = evenly(images.calibration, n)
         t = time.time()
-        model = quantize(source, [im.x[None] for im in picked], settings, float_layers)
+        model = nncf_quantize(source, [im.x[None] for im in picked], settings=settings, float_layers=float_layers)
         seconds = time.time() - t
         c = judge.compare(model, precision)
         rows.append({"images": len(picked), "sha256": files_sha256(im.path for im in picked),

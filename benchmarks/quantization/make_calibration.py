@@ -38,19 +38,20 @@ PER_MODALITY = 30  # calibration images wanted per modality (the issue's floor)
 HELD_OUT_SLICES = 12  # held-out slices per volume: evenly spread, plus every labelled one
 
 
-def _even(indices: list[int], count: int) -> list[int]:
-    """`count` indices spread evenly over `indices` (all of them when there are fewer)."""
-    if len(indices) <= count:
-        return list(indices)
-    picks = np.linspace(0, len(indices) - 1, count).round().astype(int)
-    return [indices[i] for i in sorted(set(picks.tolist()))]
+def evenly(items: list, count: int) -> list:
+    """`count` of `items` spread evenly over them, in order (all of them when there are fewer), so
+    a small set still covers every volume."""
+    if len(items) <= count:
+        return list(items)
+    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
+    return [items[i] for i in sorted(set(picks.tolist()))]
 
 
 def _volume(root: Path, name: str, modality: str, count: int, *, labelled: bool) -> list[Sample]:
     """`count` axial slices spread over volume `name` (plus, if `labelled`, every slice with a label)."""
     image, label = read_volume(root / f"{name}_image.nrrd", 2), read_volume(root / f"{name}_label.nrrd", 2)
     slices = list(range(image.shape[2]))
-    picks = set(_even(slices, count))
+    picks = set(evenly(slices, count))
     if labelled:
         picks |= {int(i) for i in np.flatnonzero((label > 0).sum(axis=(0, 1)))}
     return volume_slices(image, label, 2, sorted(picks), modality=modality, name=name)

@@ -39,11 +39,12 @@ from espmed.export import export
 from espmed.export.accuracy import Comparison, Gate
 from espmed.export.calibration import load_calibration
 from espmed.export.openvino_export import (
-    FLOAT_OV_TYPES,
     QUANTIZABLE_OV_TYPES,
     NncfSettings,
     embed_metadata,
+    nncf_quantize,
     ops_of_types,
+    save_and_open,
     save_ir,
 )
 from espmed.export.recipe import Recipe, recipe_beside
@@ -105,10 +106,8 @@ class Judge:
         self.gate, self.meta, self.work, self.threads = gate, meta, work, threads
 
     def open(self, model, precision: str):
-        xml = self.work / "probe.xml"
-        embed_metadata(model, self.meta)
-        save_ir(model, xml, compress_to_fp16=False)
-        return load(xml, verify=False, threads=self.threads, precision=precision)
+        return save_and_open(model, self.meta, self.work / "probe.xml", compress_to_fp16=False, precision=precision,
+                             threads=self.threads)
 
     def compare(self, model, precision: str) -> Comparison:
         return self.gate.compare(self.open(model, precision))
@@ -122,24 +121,6 @@ class Judge:
             seg.run(x)
             times.append(time.perf_counter() - t)
         return 1e3 * float(np.median(times))
-
-
-def quantize(
-    source, inputs: list[np.ndarray], settings: NncfSettings, float_layers: list[str], *, bias_correction: bool = True
-):
-    """What `export.openvino_export.quantize_nncf` does for one float-layer set (optionally without
-    bias correction, for the bypass ranking)."""
-    import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-
-    advanced = settings.advanced() or AdvancedQuantizationParameters()
-    advanced.disable_bias_correction = not bias_correction
-    return nncf.quantize(
-        source.clone(), nncf.Dataset(inputs), preset=nncf.QuantizationPreset.PERFORMANCE,
-        model_type=nncf.ModelType.TRANSFORMER, subset_size=len(inputs),
-        fast_bias_correction=settings.fast_bias_correction, advanced_parameters=advanced,
-        ignored_scope=nncf.IgnoredScope(names=float_layers, types=list(FLOAT_OV_TYPES), validate=False),
-    )
 
 
 def block_times(xml: Path, precision: str, threads: int) -> dict[str, float]:
@@ -192,10 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     data = [im.x[None] for im in images.calibration]
     settings = NncfSettings(smooth_quant_alpha=args.alpha)
 
-    ranking_settings = NncfSettings(smooth_quant_alpha=-1.0)
-    say(f"quantize everything ({len(images.calibration)} calibration images, {ranking_settings.describe()}, "
-        "no bias correction)")
-    full = quantize(source, data, ranking_settings, [], bias_correction=False)
+    ranking_settings = NncfSettings(smooth_quant_alpha=-1.0, bias_correction=False)
+    say(f"quantize everything ({len(images.calibration)} calibration images, {ranking_settings.describe()})")
+    full = nncf_quantize(source, data, settings=ranking_settings, float_layers=[])
     int8_xml = args.work / "int8-all.xml"
     embed_metadata(full, meta)
     save_ir(full, int8_xml, compress_to_fp16=False)
@@ -233,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     while verified is None:
         rx = re.compile("|".join(block_regex(b, blocks) for b in chosen)) if chosen else None
         float_layers = [n for n in names if rx and rx.search(n)]
-        model = quantize(source, data, settings, float_layers)
+        model = nncf_quantize(source, data, settings=settings, float_layers=float_layers)
         mixes = {}
         for precision in ("f32", "bf16"):
             c = judge.compare(model, precision)

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from espmed.errors import ImageReadError
+from espmed.export.calibration import split_folders
 from espmed.io import FRAME_SUFFIXES
 
 
@@ -41,8 +42,9 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
     folder = Path(folder) if folder is not None else bundled_samples_dir()
     if not folder.is_dir():
         raise ImageReadError(f"{folder}: no such data folder")
-    if (folder / "calibration").is_dir() and (folder / "held_out").is_dir():
-        folder = folder / "held_out"  # a calibration folder: measure on what INT8 is not calibrated on
+    split = split_folders(folder)
+    if split is not None:
+        folder = split[1]  # a calibration folder: measure on what INT8 is not calibrated on
     index = folder / "samples.json"
     if index.is_file():
         try:

@@ -239,7 +239,7 @@ def calibration_dir(opts: BenchOptions, model: dict, out: Path) -> Path | None:
     return dest
 
 
-def _export_key(target: str, model: dict, opts: BenchOptions, out: Path) -> dict:
+def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
     """What a cached export of `target` must have been made from."""
     from .machine import library_versions
 
@@ -251,7 +251,7 @@ def _export_key(target: str, model: dict, opts: BenchOptions, out: Path) -> dict
         "modality": model["modality"],
         "batch": opts.batch,
         "dynamic": opts.batch > 1,
-        "calibration_sha256": _calib_sha(calibration_dir(opts, model, out)) if calibrated else None,
+        "calibration_sha256": _calib_sha(model["calibration"]) if calibrated else None,
         "int8_gate_max_drop": opts.max_drop if calibrated else None,
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
@@ -272,7 +272,7 @@ def _cached(record_path: Path, key: dict) -> tuple[Path, bool, float] | None:
 
 def cached_export(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float] | None:
     """(artifact, True, seconds it took) of the cached export of `target` in `out`, or None."""
-    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts, out))
+    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts))
 
 
 def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> tuple[Path, bool, float]:
@@ -281,7 +281,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
 
     dest = out / "artifacts" / target
     record_path = dest / "bench-export.json"
-    key = _export_key(target, model, opts, out)
+    key = _export_key(target, model, opts)
     found = _cached(record_path, key)
     if found is not None:
         return found
@@ -296,7 +296,7 @@ def export_artifact(target: str, model: dict, opts: BenchOptions, out: Path) -> 
             imgsz=model["image_size"],
             batch=1,
             dynamic=opts.batch > 1,
-            calib=calibration_dir(opts, model, out),
+            calib=model["calibration"],
             **gate,
         )
     seconds = time.perf_counter() - t
@@ -506,7 +506,7 @@ def _estimator(
     targets = {s.target for s in stages if s.kind == "export"}
     cached = {t for t in targets if cached_export(t, model, opts, out) is not None}
     calibrating = any(s.calibrated and s.target not in cached for s in stages)
-    calib, held, attempts = _calibration_work(calibration_dir(opts, model, out)) if calibrating else (0, 0, 0)
+    calib, held, attempts = _calibration_work(model["calibration"]) if calibrating else (0, 0, 0)
     work = eta.Workload(
         images=images, warmup=opts.warmup, runs=opts.runs, batch=opts.batch,
         calib_images=calib, gated_images=held, attempts=attempts,
@@ -533,6 +533,8 @@ def _model_and_samples(
 ) -> tuple[dict, list[Sample], list[str]]:
     """The model facts, the samples it is judged on and the report's opening notes."""
     model = prepare_model(opts, samples, out=out, log=log)
+    calib = calibration_dir(opts, model, out)
+    model["calibration"] = None if calib is None else str(calib)  # what INT8 exports calibrate on
     if opts.checkpoint is not None and any(s.modality == model["modality"] for s in samples):
         # A trained model is judged on images of its modality; random weights on every image.
         samples = [s for s in samples if s.modality in (model["modality"], None)]
