@@ -3,7 +3,7 @@
     nice python benchmarks/litemedsam_init.py            # -> benchmarks/results/litemedsam_init.{json,md}
 
 Student: the `esp-medsam` preset at 1024², `init_from_litemedsam` (neutral controllers), input
-x / 255, with the default binomial patch-embed taps and, for comparison, centre taps. Teacher:
+x / 255, with the default box patch-embed taps and, for comparison, binomial and centre taps. Teacher:
 LiteMedSAM's encoder at 256², input x / 255 (the project's choice) and, for comparison, per-image
 min-max of the resized image (MedSAM's scripts). Metric:
 per-position cosine over the 64x64 grid positions the image covers (padding excluded), averaged per
@@ -136,21 +136,27 @@ def main(argv: list[str] | None = None) -> int:
     from espmed.model import ESPMedSAM, get_preset
     from espmed.runtimes.preprocess import preprocess
     from espmed.train.distill import embedding_cosine, valid_grid
-    from espmed.train.litemedsam import PREPROCESSING, asset_path, init_from_litemedsam, load_litemedsam_encoder
+    from espmed.train.litemedsam import (
+        PREPROCESSING,
+        TAPS,
+        asset_path,
+        init_from_litemedsam,
+        load_litemedsam_encoder,
+    )
 
     torch.set_num_threads(args.threads)
     teacher, sha256 = load_litemedsam_encoder()
     cfg = get_preset("esp-medsam", image_size=1024, modalities=("any",), controller_map=(0,), num_queries=1)
     students = {}
-    for taps in ("binomial", "centre"):
+    for taps in TAPS:
         torch.manual_seed(0)
         students[taps] = ESPMedSAM(cfg).eval()
         report = init_from_litemedsam(students[taps], taps=taps)
-    student = students["binomial"]
+    student = students[TAPS[0]]
     mean, std = PREPROCESSING.mean, PREPROCESSING.std
     rows = []
     for modality, source, image in images():
-        x, box = preprocess(image, 1024, mean, std)
+        x, box = preprocess(image, 1024, mean, std, PREPROCESSING.resize)
         x = torch.from_numpy(x)[None]
         xt, _ = preprocess(image, 256, mean, std)
         valid = valid_grid(box, 64)[None]
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             t = teacher(torch.from_numpy(xt)[None])
             teacher_s = time.perf_counter() - started
             t_minmax = teacher(torch.from_numpy(minmax_input(image, 256))[None])
-            s_centre = students["centre"].embed(x, 0)
+            others = {taps: students[taps].embed(x, 0) for taps in TAPS[1:]}
             set_kv_bias(student, -6.0)
             s_kv6 = student.embed(x, 0)
             set_kv_bias(student, -30.0)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "modality": modality, "source": source, "shape": list(np.asarray(image).shape),
             "valid_grid": [int(valid[0].any(1).sum()), int(valid[0].any(0).sum())],
             "cosine": round(float(embedding_cosine(s, t, valid)), 4),
-            "cosine_centre_taps": round(float(embedding_cosine(s_centre, t, valid)), 4),
+            **{f"cosine_{taps}_taps": round(float(embedding_cosine(e, t, valid)), 4) for taps, e in others.items()},
             "cosine_vs_minmax_teacher": round(float(embedding_cosine(s, t_minmax, valid)), 4),
             "teacher_x255_vs_minmax": round(float(embedding_cosine(t, t_minmax, valid)), 4),
             "relative_error": round(float((s - t)[..., valid[0]].norm() / t[..., valid[0]].norm()), 4),
@@ -182,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in dict.fromkeys(r["modality"] for r in rows):
         mine = [r for r in rows if r["modality"] == m]
         per_modality[m] = {k: round(float(np.mean([r[k] for r in mine])), 4)
-                           for k in ("cosine", "cosine_centre_taps", "cosine_vs_minmax_teacher",
+                           for k in ("cosine", *(f"cosine_{t}_taps" for t in TAPS[1:]), "cosine_vs_minmax_teacher",
                                      "teacher_x255_vs_minmax", "relative_error")}
         per_modality[m]["images"] = len(mine)
     result = {
-        "what": "student (esp-medsam 1024², x/255, init_from_litemedsam: binomial taps, neutral controllers) "
+        "what": "student (esp-medsam 1024², x/255, init_from_litemedsam: box taps, neutral controllers) "
                 "vs LiteMedSAM teacher (256², x/255) embedding cosine before any training; per-position over "
                 "the unpadded 64x64 grid, mean per image, then per modality",
         "teacher": {"file": asset_path().name, "sha256": sha256, "input": "x/255 at 256²"},
@@ -207,20 +213,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
+    from espmed.train.litemedsam import TAPS
+
     lines = [
         "# LiteMedSAM initialisation: student vs teacher embedding cosine before training",
         "",
-        "`python benchmarks/litemedsam_init.py`. Student: esp-medsam at 1024², x/255, binomial patch-embed taps "
-        "(default; centre taps for comparison); teacher: LiteMedSAM at 256², x/255 (min-max for comparison).",
-        "Cosine per position over the unpadded 64x64 grid, mean per image, then per modality.",
+        f"`python benchmarks/litemedsam_init.py`. Student: esp-medsam at 1024², x/255, {TAPS[0]} patch-embed taps "
+        f"(default; {' and '.join(TAPS[1:])} taps for comparison, see `spread_taps`); teacher: LiteMedSAM at 256², "
+        "x/255 (min-max for comparison). Cosine per position over the unpadded 64x64 grid, mean per image, then "
+        "per modality.",
         "",
-        "| modality | images | cosine | cosine, centre taps | cosine vs min-max teacher "
-        "| teacher x/255 vs min-max | rel. error |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| modality | images | cosine | " + " | ".join(f"cosine, {t} taps" for t in TAPS[1:])
+        + " | cosine vs min-max teacher | teacher x/255 vs min-max | rel. error |",
+        "|---|---:|---:|" + "---:|" * len(TAPS[1:]) + "---:|---:|---:|",
     ]
     for m, r in result["per_modality"].items():
-        lines.append(f"| {m} | {r['images']} | {r['cosine']:.4f} | {r['cosine_centre_taps']:.4f} | "
-                     f"{r['cosine_vs_minmax_teacher']:.4f} | {r['teacher_x255_vs_minmax']:.4f} | "
+        lines.append(f"| {m} | {r['images']} | {r['cosine']:.4f} | "
+                     + " | ".join(f"{r[f'cosine_{t}_taps']:.4f}" for t in TAPS[1:])
+                     + f" | {r['cosine_vs_minmax_teacher']:.4f} | {r['teacher_x255_vs_minmax']:.4f} | "
                      f"{r['relative_error']:.3f} |")
     lines += ["", "| part | values | from LiteMedSAM | set neutral |", "|---|---:|---:|---:|"]
     for part, r in result["init"].items():

@@ -83,18 +83,20 @@ def set_files(directory: str | Path | None) -> list[Path]:
     return sorted(set(calib) | set(held))
 
 
-def _load(files: list[Path], input_size: int, mean, std) -> list[CalibrationImage]:
+def _load(files: list[Path], input_size: int, mean, std, resize: str) -> list[CalibrationImage]:
     loaded = []
     for f in files:
         image = read_frame(f)
-        x, box = preprocess(image, input_size, mean, std)
+        x, box = preprocess(image, input_size, mean, std, resize)
         loaded.append(CalibrationImage(f, image, x, box))
     return loaded
 
 
-def load_calibration(directory: str | Path | None, input_size: int, mean, std) -> CalibrationSet:
+def load_calibration(
+    directory: str | Path | None, input_size: int, mean, std, resize: str = "longest-side"
+) -> CalibrationSet:
     """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
     source = Path(directory) if directory is not None else default_calibration_dir()
-    calib, held = (_load(files, input_size, mean, std) for files in split_files(source))
+    calib, held = (_load(files, input_size, mean, std, resize) for files in split_files(source))
     label = "bundled samples" if directory is None else str(source)
     return CalibrationSet(label, calib, held, files_sha256(im.path for im in calib))

@@ -155,7 +155,7 @@ def export(
     )
     pre = graph.config.preprocessing
     with stages.stage(f"read {'calibration and ' if tgt.calibrated else ''}held-out images"):
-        images = load_calibration(calib, meta.input_size, pre.mean, pre.std)
+        images = load_calibration(calib, meta.input_size, pre.mean, pre.std, pre.resize)
         gate = Gate.build(
             GraphSegmenter(graph, meta), {im.path.name: im.image for im in images.held_out},
             max_drop=max_drop, threshold=pre.mask_threshold, batch=meta.batch, on_attempt=stages.attempt,

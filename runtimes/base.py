@@ -18,7 +18,7 @@ from espmed.errors import ArtifactError, ModalityError
 
 from .masks import mask_from_logits
 from .metadata import ArtifactMetadata
-from .preprocess import Letterbox, patch_region, preprocess, restore_logits, sigmoid
+from .preprocess import RESIZE_MODES, Letterbox, patch_region, preprocess, restore_logits, sigmoid
 
 #: Images per graph call in `predict_batch` when the artifact's batch is dynamic.
 DEFAULT_DYNAMIC_CHUNK = 8
@@ -44,10 +44,11 @@ class Segmenter:
         self.metadata = metadata
         self.source = Path(source)
         pre = metadata.preprocessing
-        if pre.get("resize", "longest-side") != "longest-side" or pre.get("pad", "bottom-right") != "bottom-right":
+        self._resize = pre.get("resize", RESIZE_MODES[0])
+        if self._resize not in RESIZE_MODES or pre.get("pad", "bottom-right") != "bottom-right":
             raise ArtifactError(
                 f"{source}: unsupported preprocessing (resize {pre.get('resize')!r}, pad {pre.get('pad')!r}); "
-                "this runtime does longest-side resize with bottom-right padding"
+                f"this runtime resizes {' or '.join(RESIZE_MODES)} with bottom-right padding"
             )
         self._mean = tuple(float(v) for v in pre["mean"])
         self._std = tuple(float(v) for v in pre["std"])
@@ -140,7 +141,7 @@ class Segmenter:
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """One image -> model input (3, S, S) float32 with this artifact's normalisation, and its letterbox."""
-        return preprocess(image, self.input_size, self._mean, self._std)
+        return preprocess(image, self.input_size, self._mean, self._std, self._resize)
 
     def postprocess(
         self, lowres: np.ndarray, patches: np.ndarray, box: Letterbox, keep_logits: bool = False

@@ -118,6 +118,30 @@ def test_unaugmented_item_is_the_shared_preprocessing():
     assert item["mask"][0, box.resized_hw[0]:].sum() == 0  # padding is background
 
 
+def test_replicate_resize_gives_small_images_pixel_blocks_and_leaves_large_ones_alone():
+    """`longest-side-replicate`: an image at most size/4 on its longest side is resized to size/4
+    and each pixel repeated 4 x 4; a larger one is resized as `longest-side`; the dataset applies it."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 50), dtype=np.uint8)
+    x, box = preprocess(small, 256, (0, 0, 0), (255, 255, 255), "longest-side-replicate")
+    quarter, _ = preprocess(small, 64, (0, 0, 0), (255, 255, 255))  # 50 -> 64 by the one bilinear rule
+    assert box.resized_hw == (152, 256) and box.original_hw == (30, 50)
+    assert np.array_equal(x[:, :152], quarter[:, :38].repeat(4, axis=1).repeat(4, axis=2))
+    assert not x[:, 152:].any()
+    large = rng.integers(0, 256, (65, 90), dtype=np.uint8)  # 90 > 256 / 4
+    for image in (large, rng.integers(0, 256, (64, 64), dtype=np.uint8)):
+        plain = preprocess(image, 256, PRE.mean, PRE.std)
+        replicate = preprocess(image, 256, PRE.mean, PRE.std, "longest-side-replicate")
+        assert np.array_equal(plain[0], replicate[0]) is (image is large)
+    with pytest.raises(ValueError, match="resize must be one of longest-side, longest-side-replicate"):
+        preprocess(small, 256, PRE.mean, PRE.std, "stretch")
+    s, mode = nuclei_samples("valid")[0], "longest-side-replicate"
+    ds = SegmentationDataset([TrainItem(s, augment=False)], ["microscopy"], 512, PRE.mean, PRE.std, mode)
+    x, box = preprocess(s.image, 512, PRE.mean, PRE.std, mode)
+    assert np.array_equal(ds[(0, 0)]["image"].numpy(), x)
+    assert np.array_equal(ds[(0, 0)]["mask"][0].numpy(), letterbox_mask(s.mask, box))
+
+
 def test_dataset_rejects_modalities_the_model_lacks():
     s = nuclei_samples("valid")[0]
     with pytest.raises(ModalityError, match="not one of the model's"):

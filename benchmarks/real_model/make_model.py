@@ -5,7 +5,7 @@
     nice python benchmarks/real_model/make_model.py STAGE  # one stage, from the previous one's output
 
 Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real_model/results/):
-  init     `init_from_litemedsam` (binomial taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
+  init     `init_from_litemedsam` (box taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
            so the decoder starts from LiteMedSAM's prompt-free state; held-out cosine at 1024².
   stage1   shared trunk + neck distilled at 1024² (teacher 256²) on every `configs/real-distill.toml`
            [[data.train]] image (optionally `--epochs-512` first at 512², teacher 128²); images of
@@ -86,7 +86,8 @@ def held_out_cosine(model, samples, *, neutral_for_unshipped: bool) -> dict:
         shipped = s.modality in cfg.modalities
         if not shipped and not neutral_for_unshipped:
             continue
-        x, box = preprocess(s.image, EVAL_SIZE, cfg.preprocessing.mean, cfg.preprocessing.std)
+        pre = cfg.preprocessing
+        x, box = preprocess(s.image, EVAL_SIZE, pre.mean, pre.std, pre.resize)
         with torch.no_grad():
             student = model.embed(torch.from_numpy(x)[None], s.modality if shipped else 0)
         target = teacher(s.image)[None]

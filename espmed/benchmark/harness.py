@@ -200,7 +200,7 @@ def _random_weights(
         log(f"reusing random weights {path}")
         return model, path, json.loads(record_path.read_text(encoding="utf-8"))
     log(f"making seeded random weights (seed {opts.seed}) at {cfg.image_size}x{cfg.image_size}")
-    images = [preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std)[0] for s in samples]
+    images = [preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std, pre.resize)[0] for s in samples]
     model, placement = random_model(cfg, opts.seed, torch.from_numpy(np.stack(images)), modality)
     save_checkpoint(model, path, metadata={"espmed.bench.random_weights": json.dumps(key, sort_keys=True)})
     weights = {"kind": "random", "key": key, **placement}

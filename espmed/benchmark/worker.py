@@ -43,7 +43,6 @@ def measure(spec: dict, t0: float) -> dict:
     from espmed.benchmark.kernels import row_kernels
     from espmed.io import read_frame
     from espmed.runtimes import load
-    from espmed.runtimes.preprocess import preprocess
 
     t_imported = time.time()
     seg = load(
@@ -83,8 +82,7 @@ def measure(spec: dict, t0: float) -> dict:
         np.savez(fh, **logits)
 
     size, meta = seg.input_size, seg.metadata
-    pre = meta.preprocessing
-    x = np.stack([preprocess(im, size, pre["mean"], pre["std"])[0] for im in images])
+    x = np.stack([seg.preprocess(im)[0] for im in images])
     for i in range(spec["warmup"]):
         seg.run(x[i % len(x)][None])
     latencies = []

@@ -87,11 +87,12 @@ class SegmentationDataset(Dataset):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        resize: str = "longest-side",
     ) -> None:
         self.items = list(items)
         self.modalities = tuple(modalities)
         self.image_size = image_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.resize = tuple(mean), tuple(std), resize
         self._augmenters: dict[tuple[int, int] | None, object] = {}
         for item in self.items:
             if item.sample.modality not in self.modalities:
@@ -112,7 +113,7 @@ class SegmentationDataset(Dataset):
         mask = item.sample.mask
         if item.augment:
             image, mask = self._augment(item, image, mask, seed)
-        x, box = preprocess(image, self.image_size, self.mean, self.std)
+        x, box = preprocess(image, self.image_size, self.mean, self.std, self.resize)
         return {
             "image": torch.from_numpy(x),
             "mask": torch.from_numpy(letterbox_mask(mask, box))[None],

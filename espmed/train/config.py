@@ -144,12 +144,17 @@ def _model_value(name: str, value: Any) -> Any:
     `Preprocessing` (e.g. mean = [0, 0, 0], std = [255, 255, 255] for LiteMedSAM-initialised models)."""
     if name == "preprocessing" and isinstance(value, Mapping):
         from ..model import Preprocessing
+        from ..runtimes.preprocess import RESIZE_MODES
 
         try:
-            return Preprocessing.from_dict(dict(value))
+            pre = Preprocessing.from_dict(dict(value))
         except (KeyError, TypeError, ValueError) as exc:
             detail = first_line(exc)
             raise ConfigError(f"[model.preprocessing]: {detail} (it needs mean and std, 3 numbers each)") from None
+        if pre.resize not in RESIZE_MODES:
+            modes = ", ".join(RESIZE_MODES)
+            raise ConfigError(f"[model.preprocessing]: resize must be one of {modes}, got {pre.resize!r}")
+        return pre
     return tuple(value) if isinstance(value, list) else value
 
 

@@ -109,7 +109,8 @@ def _targets(samples: Sequence[Sample], model: ESPMedSAM, teacher: TeacherEmbedd
     grid = cfg.image_size // 16
     inputs, targets, valid = [], [], []
     for s in samples:
-        x, box = preprocess(s.image, cfg.image_size, cfg.preprocessing.mean, cfg.preprocessing.std)
+        pre = cfg.preprocessing
+        x, box = preprocess(s.image, cfg.image_size, pre.mean, pre.std, pre.resize)
         emb = teacher(s.image)[None]
         if emb.shape[-1] > grid:
             emb = F.adaptive_avg_pool2d(emb, grid)

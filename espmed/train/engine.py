@@ -344,7 +344,7 @@ def _setup(cfg: RunConfig, train_items, resume: bool, model: ESPMedSAM | None) -
     params = set_trainable(model, t.trainable)
     mc = model.config
     dataset = SegmentationDataset(
-        train_items, mc.modalities, mc.image_size, mc.preprocessing.mean, mc.preprocessing.std
+        train_items, mc.modalities, mc.image_size, mc.preprocessing.mean, mc.preprocessing.std, mc.preprocessing.resize
     )
     sampler = EpochSampler(len(dataset), t.batch_size, t.grad_accum, info.world, info.rank, t.seed)
     loader = torch.utils.data.DataLoader(

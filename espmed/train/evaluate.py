@@ -27,6 +27,7 @@ def predict_logits(model: ESPMedSAM, samples: Sequence[Sample], batch_size: int 
     """Mask logits at each sample's original size, as every espmed runtime computes them:
     numpy letterbox preprocessing -> network -> low-resolution logits -> `restore_logits`."""
     cfg = model.config
+    pre = cfg.preprocessing
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -39,7 +40,7 @@ def predict_logits(model: ESPMedSAM, samples: Sequence[Sample], batch_size: int 
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 inputs, boxes = zip(*(
-                    preprocess(samples[i].image, cfg.image_size, cfg.preprocessing.mean, cfg.preprocessing.std)
+                    preprocess(samples[i].image, cfg.image_size, pre.mean, pre.std, pre.resize)
                     for i in chunk
                 ), strict=True)
                 x = torch.from_numpy(np.stack(inputs)).to(device)

@@ -41,7 +41,7 @@ ASSET = "asset/lite_medsam.pth"
 ASSET_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 #: LiteMedSAM's input scaling, x / 255 (see the module docstring); the student's too.
-PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
+PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), resize="longest-side-replicate")
 #: Student input size / teacher input size: the 3x3 stride-2 patch embed subsamples by 4.
 SIZE_RATIO = 4
 #: Logit bias of a neutral controller's K/V token: its attention weight is below e^-30 of the
@@ -158,27 +158,27 @@ def load_litemedsam_encoder(path: str | Path | None = None) -> tuple[LiteMedSAME
 
 
 # -- initialisation --------------------------------------------------------------------------------
-#: How a 1x1 patch-embed weight becomes a 3x3 stride-2 one (see `spread_taps`).
-TAPS = ("binomial", "centre")
+#: How a 1x1 patch-embed weight becomes a 3x3 stride-2 one (see `spread_taps`); the first is the default.
+TAPS = ("box", "binomial", "centre")
 
 
 def spread_taps(weight: torch.Tensor, taps: str) -> torch.Tensor:
     """A 1x1 conv weight (O, I, 1, 1) as the 3x3 weight (O, I, 3, 3) of a stride-2 conv.
 
-    `centre`: only the centre tap; the two stride-2 convs then read every fourth pixel, so the
-    student at 4T computes exactly the teacher at T on the point-subsampled image, which aliases
-    fine structure (nuclei, 1024² MR, radiographs). `binomial`: the weight times [1, 2, 1]^T [1, 2, 1]
-    / 16; two such stride-2 low-passes compose to the width-4 triangle filter of the teacher's
-    input resize (PIL bilinear, antialiased, by 4), up to the GELU between the convs.
+    Both resizes use half-pixel centres, so the teacher's pixel j at T lies at 4j + 1.5 of the
+    student's 4T input. With padding 1, output i of a stride-2 3x3 conv reads inputs 2i-1, 2i, 2i+1.
+    `box`: taps (centre, +1) with weight 1/2 each, per axis, in both convs: together the 4x4 mean of
+    inputs 4j..4j+3, centred at 4j + 1.5 (a 4x bilinear upsample then that mean is the 3-tap
+    blur [1, 6, 1] / 8 of the teacher's pixels). `binomial`: [1, 2, 1] / 4 per axis, a width-4
+    triangle centred at 4j, 1.5 pixels off; `centre`: the centre tap only, every fourth pixel, also
+    at 4j, aliased. Measured (benchmarks/results/litemedsam_init.md): the 1.5-pixel offset alone
+    costs 0.02-0.12 cosine.
     """
-    if taps == "centre":
-        kernel = torch.zeros(3, 3, dtype=weight.dtype)
-        kernel[1, 1] = 1.0
-    elif taps == "binomial":
-        b = torch.tensor([1.0, 2.0, 1.0], dtype=weight.dtype)
-        kernel = b[:, None] * b[None] / 16
-    else:
+    k = {"box": [0.0, 0.5, 0.5], "binomial": [0.25, 0.5, 0.25], "centre": [0.0, 1.0, 0.0]}.get(taps)
+    if k is None:
         raise ValueError(f"taps must be one of {', '.join(TAPS)}, got {taps!r}")
+    axis = torch.tensor(k, dtype=weight.dtype)
+    kernel = axis[:, None] * axis[None]
     return weight[:, :, :1, :1] * kernel
 
 
@@ -206,7 +206,7 @@ def init_from_litemedsam(
     model: ESPMedSAM,
     path: str | Path | None = None,
     *,
-    taps: str = "binomial",
+    taps: str = TAPS[0],
     kv_logit_bias: float = NEUTRAL_KV_LOGIT_BIAS,
 ) -> dict[str, dict[str, int]]:
     """Initialise `model` (the `esp-medsam` width, any modalities) from LiteMedSAM, in place.
