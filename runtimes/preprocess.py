@@ -8,7 +8,9 @@ as SAM and the release do). Resize modes (`Preprocessing.resize`, one of `RESIZE
   of the model size is resized (same rule) to a quarter of it and each pixel then replicated 4 x 4.
   A model distilled from a teacher at a quarter of its size (LiteMedSAM, 256²) then sees a small
   image exactly as the teacher did: its patch embed averages each 4 x 4 block (`spread_taps`). A
-  bilinear 4x upsample blurs instead and cost that embedding 0.18 cosine on 256² nuclei.
+  bilinear 4x upsample blurs instead and cost that embedding 0.18 cosine on 256² nuclei, yet a
+  decoder trained on replicated input segmented them worse, so the shipped model keeps
+  `longest-side` (benchmarks/real_model/results/resize-experiment.json).
 
 Intensity scaling to RGB uint8 (documented contract):
 - uint8: used as is. bool: False/True -> 0/255.

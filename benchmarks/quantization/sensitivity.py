@@ -13,7 +13,9 @@
    model is quantized without bias correction and without SmoothQuant: a corrected bias
    compensates its own quantized input, and smoothed weights their scaled input, and both would
    be wrong once that block is float again. The final re-quantization uses the real settings.
-4. Add blocks to the float set, most harmful per millisecond first, until the gate passes
+4. Add blocks to the float set, most harmful per unit of cost first (cost: the block's share of INT8
+   run time plus its share of the quantizable FP32 weights, so a big but fast block such as the
+   decoder stays INT8 when it can), until the gate passes
    (every held-out image's Dice vs FP32 >= 1 - max_drop); then re-quantize with that set as
    NNCF's ignored scope (statistics and bias correction redone) and check again, adding blocks
    while it fails. Both runtime mixes (f32, bf16 for the ops left float) are judged; the faster
@@ -134,6 +136,19 @@ def block_times(xml: Path, precision: str, threads: int) -> dict[str, float]:
     return times
 
 
+def weight_bytes(model) -> dict[str, int]:
+    """FP32 bytes of the constant weights of each block's quantizable ops (what INT8 shrinks 4x)."""
+    sizes: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in QUANTIZABLE_OV_TYPES:
+            continue
+        weight = op.input_value(1).get_node()
+        if weight.get_type_name() == "Constant":
+            b = block_of(op.get_friendly_name())
+            sizes[b] = sizes.get(b, 0) + 4 * int(np.prod(list(weight.get_output_shape(0))))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     import nncf
     import openvino as ov
@@ -185,17 +200,22 @@ def main(argv: list[str] | None = None) -> None:
     times = block_times(int8_xml, "f32", args.threads)
     total = sum(times.values())
     blocks = sorted({block_of(n) for n in ops_of_types(source, QUANTIZABLE_OV_TYPES)})
+    sizes = weight_bytes(source)
+    total_bytes = sum(sizes.values())
 
     rows = []
     for b in blocks:
         alone = judge.compare(bypass(full, source, {b}, keep=True), "f32")
         rows.append({
             "block": b, "time_share": times.get(b, 0.0) / total, "ms": times.get(b, 0.0),
+            "weight_mb": sizes.get(b, 0) / 1e6, "size_share": sizes.get(b, 0) / total_bytes,
             "min_dice_int8_only": min(alone.dice), "mean_dice_int8_only": float(np.mean(alone.dice)),
             "dice_cost": 1.0 - min(alone.dice),
         })
         say(f"{b:<40} time {100 * rows[-1]['time_share']:5.1f} %  int8-only min Dice {min(alone.dice):.4f}")
-    rows.sort(key=lambda r: -(r["dice_cost"] + 1e-4) / max(r["time_share"], 1e-3))
+    # Most harmful per unit of what keeping it float costs: its share of INT8 time plus its share of
+    # the weights (a float decoder is ~0 % of the time but a quarter of the INT8 file).
+    rows.sort(key=lambda r: -(r["dice_cost"] + 1e-4) / max(r["time_share"] + r["size_share"], 1e-3))
 
     chosen: list[str] = []
     steps = []
@@ -231,11 +251,13 @@ def main(argv: list[str] | None = None) -> None:
 
     fp32_ms = {p: judge.latency_ms(source, p, x) for p in ("f32", "bf16")}
     float_share = sum(times.get(b, 0.0) for b in chosen) / total
+    float_size_share = sum(sizes.get(b, 0) for b in chosen) / total_bytes
     ranking = {
         "modality": args.modality, "calibration": images.describe(), "max_drop": args.max_drop,
         "nncf": settings.describe(),
         "ranking_nncf": ranking_settings.describe(), "threads": args.threads, "all_quantized_min_dice": min(base.dice),
         "blocks": rows, "greedy_bypass": steps, "verified": verified, "float_time_share": float_share,
+        "float_weight_share": float_size_share,
         "fp32_ms": fp32_ms, "seconds": round(time.time() - started),
         "command": "python benchmarks/quantization/sensitivity.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
@@ -263,14 +285,16 @@ def report(r: dict) -> str:
         f"{r['all_quantized_min_dice']:.4f}",
         f"- gate: every held-out image's Dice vs OpenVINO FP32 >= {1 - r['max_drop']:.2f}; {r['threads']} threads",
         "",
-        "| block | INT8 time share | min Dice, only it INT8 | mean Dice, only it INT8 | Dice cost |",
-        "|---|---:|---:|---:|---:|",
+        "| block | INT8 time share | FP32 weights MB | min Dice, only it INT8 | mean Dice, only it INT8 | Dice cost |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for b in sorted(r["blocks"], key=lambda b: -b["dice_cost"])[:15]:
-        lines.append(f"| {b['block']} | {100 * b['time_share']:.1f} % | {b['min_dice_int8_only']:.4f} | "
+        lines.append(f"| {b['block']} | {100 * b['time_share']:.1f} % | {b.get('weight_mb', 0):.2f} | "
+                     f"{b['min_dice_int8_only']:.4f} | "
                      f"{b['mean_dice_int8_only']:.4f} | {b['dice_cost']:.4f} |")
     v = r["verified"]
-    lines += ["", f"Chosen float blocks ({100 * r['float_time_share']:.1f} % of INT8 run time): "
+    lines += ["", f"Chosen float blocks ({100 * r['float_time_share']:.1f} % of INT8 run time, "
+              f"{100 * r.get('float_weight_share', 0):.1f} % of the quantizable weights): "
               + (", ".join(v["float_blocks"]) or "none"), ""]
     lines += ["| mix | min Dice vs FP32 | passes | latency ms |", "|---|---:|---|---:|"]
     for p, m in v["mixes"].items():

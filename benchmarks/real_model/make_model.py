@@ -372,6 +372,13 @@ def write_reports() -> None:
         lines += [f"| {e['name']} | " + " | ".join(f"{e['cosine'][m]:.4f}" for m in mods) + " |"
                   for e in exps["experiments"]]
         lines.append("")
+    if resize := _load("resize-experiment"):
+        lines += ["## Resize experiment (not shipped)", "", resize["what"], "",
+                  "| stage-3 crops | resize at evaluation | held-out Dice |", "|---|---|---|"]
+        lines += [f"| {r['stage3_crops']} | {r['eval_resize']} | "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)) + " |"
+                  for r in resize["dice_held_out"]]
+        lines += ["", resize["conclusion"], ""]
     for stage in ("stage1", "stage2", "stage3"):
         r = _load(stage)
         if r:

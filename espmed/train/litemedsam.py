@@ -41,7 +41,7 @@ ASSET = "asset/lite_medsam.pth"
 ASSET_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 #: LiteMedSAM's input scaling, x / 255 (see the module docstring); the student's too.
-PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), resize="longest-side-replicate")
+PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
 #: Student input size / teacher input size: the 3x3 stride-2 patch embed subsamples by 4.
 SIZE_RATIO = 4
 #: Logit bias of a neutral controller's K/V token: its attention weight is below e^-30 of the
