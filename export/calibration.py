@@ -18,7 +18,7 @@ import numpy as np
 
 from espmed.errors import ExportError
 from espmed.io import FRAME_SUFFIXES, read_frame
-from espmed.runtimes.preprocess import Letterbox, preprocess
+from espmed.runtimes.preprocess import RESIZE_MODES, Letterbox, preprocess
 
 from .manifest import files_sha256
 
@@ -93,7 +93,7 @@ def _load(files: list[Path], input_size: int, mean, std, resize: str) -> list[Ca
 
 
 def load_calibration(
-    directory: str | Path | None, input_size: int, mean, std, resize: str = "longest-side"
+    directory: str | Path | None, input_size: int, mean, std, resize: str = RESIZE_MODES[0]
 ) -> CalibrationSet:
     """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
     source = Path(directory) if directory is not None else default_calibration_dir()

@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = export(checkpoint, "openvino", args.work, modality=args.modality, calib=args.calib)
     reference = load(fp32.artifact, verify=False, threads=args.threads)
     meta, pre = reference.metadata, reference.metadata.preprocessing
-    images = load_calibration(args.calib, meta.input_size, pre["mean"], pre["std"],
-                              pre.get("resize", "longest-side"))
+    images = load_calibration(args.calib, meta.input_size, pre["mean"], pre["std"], pre["resize"])
     gate = Gate.build(reference, {im.path.name: im.image for im in images.held_out}, max_drop=0.02,
                       threshold=pre["mask_threshold"], batch=1)
     judge = Judge(gate, meta, args.work, args.threads)

@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = load(fp32.artifact, verify=False, threads=args.threads)
     meta = reference.metadata
     pre = meta.preprocessing
-    images = load_calibration(args.calib, meta.input_size, pre["mean"], pre["std"],
-                              pre.get("resize", "longest-side"))
+    images = load_calibration(args.calib, meta.input_size, pre["mean"], pre["std"], pre["resize"])
     gate = Gate.build(reference, {im.path.name: im.image for im in images.held_out}, max_drop=args.max_drop,
                       threshold=pre["mask_threshold"], batch=1)
     judge = Judge(gate, meta, args.work, args.threads)

@@ -80,13 +80,13 @@ def held_out_cosine(model, samples, *, neutral_for_unshipped: bool) -> dict:
     from espmed.train.distill import embedding_cosine, valid_grid
 
     teacher, cfg = _teacher(EVAL_SIZE), model.config
+    pre = cfg.preprocessing
     rows = []
     model.eval()
     for s in samples:
         shipped = s.modality in cfg.modalities
         if not shipped and not neutral_for_unshipped:
             continue
-        pre = cfg.preprocessing
         x, box = preprocess(s.image, EVAL_SIZE, pre.mean, pre.std, pre.resize)
         with torch.no_grad():
             student = model.embed(torch.from_numpy(x)[None], s.modality if shipped else 0)

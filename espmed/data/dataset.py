@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..runtimes.preprocess import Letterbox, preprocess, to_rgb_uint8
+from ..runtimes.preprocess import RESIZE_MODES, Letterbox, preprocess, to_rgb_uint8
 from .sources import Sample
 
 
@@ -87,7 +87,7 @@ class SegmentationDataset(Dataset):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        resize: str = "longest-side",
+        resize: str = RESIZE_MODES[0],
     ) -> None:
         self.items = list(items)
         self.modalities = tuple(modalities)

@@ -106,10 +106,10 @@ class _Targets:
 
 def _targets(samples: Sequence[Sample], model: ESPMedSAM, teacher: TeacherEmbeddings) -> _Targets:
     cfg = model.config
+    pre = cfg.preprocessing
     grid = cfg.image_size // 16
     inputs, targets, valid = [], [], []
     for s in samples:
-        pre = cfg.preprocessing
         x, box = preprocess(s.image, cfg.image_size, pre.mean, pre.std, pre.resize)
         emb = teacher(s.image)[None]
         if emb.shape[-1] > grid:
