@@ -32,13 +32,10 @@ class Outputs:
 def segment(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> list[Outputs]:
     """`images` through `segmenter`'s preprocess, graph and postprocess, `max(batch, 1)` per call."""
     outputs = []
-    step = max(batch, 1)
-    for start in range(0, len(images), step):
-        inputs = [segmenter.preprocess(im) for im in images[start : start + step]]
-        lowres, patches = segmenter.run(np.stack([x for x, _ in inputs]))
-        for i, (_, box) in enumerate(inputs):
-            pred = segmenter.postprocess(lowres[i, 0], patches[i, 0], box)
-            outputs.append(Outputs(lowres[i, 0], patches[i, 0], pred.mask))
+    for part in segmenter.run_chunks(images, max(batch, 1)):
+        for i, box in enumerate(part.boxes):
+            pred = segmenter.postprocess(part.lowres[i, 0], part.patches[i, 0], box)
+            outputs.append(Outputs(part.lowres[i, 0], part.patches[i, 0], pred.mask))
     return outputs
 
 

@@ -327,6 +327,7 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
             model.reshape({INPUT_NAME: [meta.batch, 3, meta.input_size, meta.input_size]})
     xml = ctx.staged()
     if prec == "int8":
+        model = ovx.with_fp16_weights(model, ctx.staged(f"fp16-weights-{xml.name}"))
         n = len(ctx.images.calibration)
         settings = _nncf_settings(options, ctx.recipe)
         loop = "NNCF accuracy control" if settings.accuracy_control else "accuracy gate"

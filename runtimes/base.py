@@ -8,7 +8,7 @@ timings) lives here so that every backend behaves identically. Torch-free.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,17 @@ from .preprocess import RESIZE_MODES, Letterbox, patch_region, preprocess, resto
 
 #: Images per graph call in `predict_batch` when the artifact's batch is dynamic.
 DEFAULT_DYNAMIC_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One graph call of `Segmenter.run_chunks`: its images' letterboxes and raw outputs."""
+
+    boxes: list[Letterbox]
+    lowres: np.ndarray  # (n, 1, S/4, S/4) mask logits
+    patches: np.ndarray  # (n, 1, S/32, S/32) SPPG patch logits
+    preprocess_ms: float
+    infer_ms: float
 
 
 @dataclass
@@ -115,29 +126,33 @@ class Segmenter:
 
         Each prediction's `timings["infer"]` is its share of its chunk's graph time.
         """
-        images = list(images)
-        chunk = chunk_size or self.chunk_size
-        if self.metadata.batch and chunk % self.metadata.batch:
-            chunk = self.metadata.batch
         results: list[Prediction] = []
-        for start in range(0, len(images), chunk):
-            part = images[start : start + chunk]
-            t0 = time.perf_counter()
-            pre = [self.preprocess(im) for im in part]
-            t1 = time.perf_counter()
-            lowres, patches = self.run(np.stack([x for x, _ in pre]))
-            t2 = time.perf_counter()
-            n = len(part)
-            for i, (_, box) in enumerate(pre):
+        for part in self.run_chunks(images, chunk_size or self.chunk_size):
+            n = len(part.boxes)
+            for i, box in enumerate(part.boxes):
                 t3 = time.perf_counter()
-                pred = self.postprocess(lowres[i, 0], patches[i, 0], box, return_logits)
+                pred = self.postprocess(part.lowres[i, 0], part.patches[i, 0], box, return_logits)
                 pred.timings = {
-                    "preprocess": (t1 - t0) * 1e3 / n,
-                    "infer": (t2 - t1) * 1e3 / n,
+                    "preprocess": part.preprocess_ms / n,
+                    "infer": part.infer_ms / n,
                     "postprocess": (time.perf_counter() - t3) * 1e3,
                 }
                 results.append(pred)
         return results
+
+    def run_chunks(self, images: Sequence[np.ndarray], chunk: int) -> Iterator[Chunk]:
+        """`images` preprocessed and run through the graph `chunk` per call (the artifact's fixed
+        batch where `chunk` is not a multiple of it), in order: the loop `predict_batch` and the
+        export gate (which judges raw graph outputs too) share."""
+        images = list(images)
+        if self.metadata.batch and chunk % self.metadata.batch:
+            chunk = self.metadata.batch
+        for start in range(0, len(images), chunk):
+            t0 = time.perf_counter()
+            pre = [self.preprocess(im) for im in images[start : start + chunk]]
+            t1 = time.perf_counter()
+            lowres, patches = self.run(np.stack([x for x, _ in pre]))
+            yield Chunk([box for _, box in pre], lowres, patches, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """One image -> model input (3, S, S) float32 with this artifact's normalisation, and its letterbox."""

@@ -110,9 +110,11 @@ def preprocess(
     else:
         rh, rw = resized_shape(h, w, size)
         rgb = _resize(rgb, (rh, rw))
-    x = (rgb.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     out = np.zeros((3, size, size), np.float32)
-    out[:, :rh, :rw] = x.transpose(2, 0, 1)
+    x = out[:, :rh, :rw]  # normalised in place: no second full-size float copy at peak memory
+    x[...] = rgb.transpose(2, 0, 1)
+    x -= np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    x /= np.asarray(std, np.float32).reshape(-1, 1, 1)
     return out, Letterbox((h, w), (rh, rw), size)
 
 

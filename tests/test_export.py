@@ -361,6 +361,23 @@ def test_openvino_fp16_and_int8_pass_the_dice_check(tiny_ckpt, exports):
     assert r8.metadata.float_layers and r8.metadata.calibration["sha256"]
 
 
+def test_openvino_int8_stores_its_float_layers_weights_in_fp16(tiny_ckpt, exports):
+    import openvino as ov
+
+    r8 = exports(tiny_ckpt, "openvino-int8")
+    model = ov.Core().read_model(str(r8.artifact))
+    weights = {}  # quantizable op -> the element type its weight is stored in
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "MatMul") and op.get_friendly_name() in r8.metadata.float_layers:
+            node = op.input_value(1).get_node()
+            while node.get_type_name() in ("Convert", "Reshape", "Transpose") and node.inputs():
+                node = node.input_value(0).get_node()
+            if node.get_type_name() == "Constant":
+                weights[op.get_friendly_name()] = node.get_output_element_type(0).get_type_name()
+    assert weights and set(weights.values()) == {"f16"}, weights
+    assert not any(p.name.startswith("fp16-weights") for p in r8.artifact.parent.iterdir())  # scratch IR removed
+
+
 def test_bf16_runtime_precision_must_be_f32_or_bf16(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="f32 or bf16"):
         export(tiny_ckpt, "openvino", tmp_path, modality="fundus", runtime_precision="fp8")

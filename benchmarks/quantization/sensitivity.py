@@ -48,6 +48,7 @@ from espmed.export.openvino_export import (
     ops_of_types,
     save_and_open,
     save_ir,
+    with_fp16_weights,
 )
 from espmed.export.recipe import Recipe, recipe_beside
 from espmed.runtimes import load
@@ -106,10 +107,21 @@ class Judge:
 
     def __init__(self, gate: Gate, meta: ArtifactMetadata, work: Path, threads: int) -> None:
         self.gate, self.meta, self.work, self.threads = gate, meta, work, threads
+        self.probes: list[Path] = []
+        self.staged = 0
 
     def open(self, model, precision: str):
-        return save_and_open(model, self.meta, self.work / "probe.xml", compress_to_fp16=False, precision=precision,
-                             threads=self.threads)
+        """Stage `model` under a new name each time (the previous probe's files removed): OpenVINO
+        reuses a path's mapping while a model still maps it (FP16 weights are decompressed from the
+        mapping), so rewriting one path crashed with SIGBUS or would read stale weights."""
+        for old in self.probes:
+            old.unlink(missing_ok=True)
+        self.staged += 1
+        probe = self.work / f"probe{self.staged}.xml"
+        segmenter = save_and_open(model, self.meta, probe, compress_to_fp16=False, precision=precision,
+                                  threads=self.threads)
+        self.probes = [probe, probe.with_suffix(".bin")]
+        return segmenter
 
     def compare(self, model, precision: str) -> Comparison:
         return self.gate.compare(self.open(model, precision))
@@ -137,12 +149,15 @@ def block_times(xml: Path, precision: str, threads: int) -> dict[str, float]:
 
 
 def weight_bytes(model) -> dict[str, int]:
-    """FP32 bytes of the constant weights of each block's quantizable ops (what INT8 shrinks 4x)."""
+    """FP32 bytes (4 per value, however stored) of the constant weights of each block's quantizable
+    ops (what INT8 shrinks 4x)."""
     sizes: dict[str, int] = {}
     for op in model.get_ordered_ops():
         if op.get_type_name() not in QUANTIZABLE_OV_TYPES:
             continue
         weight = op.input_value(1).get_node()
+        if weight.get_type_name() == "Convert":  # an FP16-stored weight
+            weight = weight.input_value(0).get_node()
         if weight.get_type_name() == "Constant":
             b = block_of(op.get_friendly_name())
             sizes[b] = sizes.get(b, 0) + 4 * int(np.prod(list(weight.get_output_shape(0))))
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                       threshold=pre["mask_threshold"], batch=1)
     judge = Judge(gate, meta, args.work, args.threads)
     x = images.held_out[0].x[None]
-    source = ov.Core().read_model(str(fp32.artifact))
+    source = with_fp16_weights(ov.Core().read_model(str(fp32.artifact)), args.work / "fp16-weights.xml")  # as export
     data = [im.x[None] for im in images.calibration]
     settings = NncfSettings(smooth_quant_alpha=args.alpha)
 
