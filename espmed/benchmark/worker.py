@@ -7,8 +7,7 @@ the torch reference), so its peak RSS is the backend's own: read after the load 
 every image (what a device's process holds), before the timing loop stacks every image's input.
 It writes a result JSON (and, in full mode, every image's mask logits at the image's own size to an
 `.npz`, then one profiled pass: which kernels ran, `espmed.benchmark.kernels`) and exits 0; on an
-error it
-writes `{"status": "failed", "reason": ...}` and exits 1.
+error it writes `{"status": "failed", "reason": ...}` and exits 1.
 """
 
 from __future__ import annotations
