@@ -123,6 +123,17 @@ def test_box_taps_make_the_student_the_teacher_on_a_small_image(teacher):
     torch.testing.assert_close(student, reference, rtol=0, atol=2e-5)
 
 
+def test_init_sets_litemedsams_normalisation_and_keeps_the_configured_resize():
+    from espmed.model import Preprocessing
+
+    model = _student(64, preprocessing=Preprocessing(mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0),
+                                                     resize="longest-side-replicate", mask_threshold=0.5))
+    init_from_litemedsam(model)
+    pre = model.config.preprocessing
+    assert (pre.mean, pre.std) == (PREPROCESSING.mean, PREPROCESSING.std)
+    assert (pre.resize, pre.mask_threshold) == ("longest-side-replicate", 0.5)
+
+
 def test_box_taps_follow_the_teachers_resized_input_on_real_nuclei(teacher):
     """On the DSB-2018 image, resized by the one preprocess for both, the default box taps embed
     closer to the teacher than the binomial or centre taps, whose centre is 1.5 pixels off (measured

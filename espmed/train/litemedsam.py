@@ -20,6 +20,7 @@ the student takes the same input and both models see the same scaling.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -246,7 +247,9 @@ def init_from_litemedsam(
                 slot.expert.fc2.bias.zero_()
                 slot.kv_logit_bias.fill_(kv_logit_bias)
         neutral = {k for k in target if k.endswith((".expert.fc2.weight", ".expert.fc2.bias", ".kv_logit_bias"))}
-    model.config = model.config.with_(preprocessing=PREPROCESSING)
+    # LiteMedSAM's normalisation; the configured resize mode, padding and mask threshold stay.
+    model.config = model.config.with_(preprocessing=dataclasses.replace(
+        model.config.preprocessing, mean=PREPROCESSING.mean, std=PREPROCESSING.std))
     report: dict[str, dict[str, int]] = {}
     for key, value in target.items():
         row = report.setdefault(_part(key), {"values": 0, "from_litemedsam": 0, "neutral": 0})
