@@ -26,7 +26,13 @@ from espmed.export import export
 from espmed.export.accuracy import Gate
 from espmed.export.calibration import load_calibration
 from espmed.export.manifest import files_sha256
-from espmed.export.openvino_export import QUANTIZABLE_OV_TYPES, NncfSettings, nncf_quantize, ops_of_types
+from espmed.export.openvino_export import (
+    QUANTIZABLE_OV_TYPES,
+    NncfSettings,
+    nncf_quantize,
+    ops_of_types,
+    with_fp16_weights,
+)
 from espmed.export.recipe import find_recipe
 from espmed.runtimes import load
 
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     gate = Gate.build(reference, {im.path.name: im.image for im in images.held_out}, max_drop=0.02,
                       threshold=pre["mask_threshold"], batch=1)
     judge = Judge(gate, meta, args.work, args.threads)
-    source = ov.Core().read_model(str(fp32.artifact))
+    source = with_fp16_weights(ov.Core().read_model(str(fp32.artifact)), args.work / "fp16-weights.xml")  # as export
     names = ops_of_types(source, QUANTIZABLE_OV_TYPES)
     float_layers = recipe.float_layers("openvino", names) if recipe else []
     settings = NncfSettings(smooth_quant_alpha=recipe.smooth_quant_alpha if recipe else None)
