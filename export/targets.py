@@ -331,6 +331,11 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
         n = len(ctx.images.calibration)
         settings = _nncf_settings(options, ctx.recipe)
         loop = "NNCF accuracy control" if settings.accuracy_control else "accuracy gate"
+        if settings.accuracy_control and runtime_precision != "f32":
+            ctx.stages.note(  # NNCF compiles every candidate it validates with f32 inference precision
+                f"  note: NNCF's accuracy control validates at f32, the gate judges its result at {runtime_precision} "
+                "and may refuse it; --runtime-precision f32 matches the two"
+            )
         with ctx.stages.stage(f"quantize INT8 (NNCF, symmetric; {n} calibration images) + {loop}"):
             model, best, attempts = ovx.quantize_nncf(
                 source=model, out=xml, calibration=ctx.images.calibration, gate=ctx.gate, metadata=meta,
