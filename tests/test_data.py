@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from espmed.data import EpochSampler, SegmentationDataset, TrainItem, letterbox_mask, load_samples, train_items
-from espmed.data.dataset import item_seed
+from espmed.data.dataset import build_augmentation, item_seed
 from espmed.data.reference import mni152_slices, nuclei_samples
 from espmed.data.sources import Sample
 from espmed.data.specs import DatasetSpecError
@@ -193,6 +193,24 @@ def test_train_items_repeat_and_crop():
     assert len(items) == 3 and items[0].crop == (64, 128) and items[0].augment
     with pytest.raises(DatasetSpecError, match="crop"):
         train_items({"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "crop": [8]})
+
+
+def test_affine_false_augments_without_interpolating_a_pixel():
+    spec = {"kind": "dsb2018-nuclei", "split": "train", "modality": "microscopy", "crop": [64, 64]}
+    item = train_items({**spec, "affine": False})[0]
+    assert item.augment and not item.affine and train_items(spec)[0].affine
+    with pytest.raises(DatasetSpecError, match="true or false"):
+        train_items({**spec, "affine": "no"})
+    image = item.sample.image if item.sample.image.ndim == 2 else item.sample.image[..., 0]
+    values = set(np.unique(image).tolist())
+    for seed in range(8):  # crop, flips and 90-degree turns only move pixels; intensity off here
+        t = build_augmentation(item.crop, affine=False)
+        t.transforms = tuple(x for x in t.transforms if "Intensity" not in type(x).__name__)
+        t.set_random_state(seed=seed)
+        rgb = np.repeat(image[None].astype(np.float32), 3, axis=0)
+        out = t({"image": rgb, "mask": item.sample.mask[None].astype(np.float32)})
+        assert set(np.unique(np.asarray(out["image"])).tolist()) <= values
+    assert not any("Affine" in type(x).__name__ for x in build_augmentation(None, affine=False).transforms)
 
 
 def test_volume_layout_reads_a_dicom_series_in_slice_order(tmp_path):

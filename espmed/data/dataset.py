@@ -26,12 +26,14 @@ class TrainItem:
     sample: Sample
     augment: bool = True
     crop: tuple[int, int] | None = None  # random square crop side in [min, max] before resizing
+    affine: bool = True  # the small rotation/scale affine; off keeps every pixel exact (flips, 90° turns)
 
 
-def build_augmentation(crop: tuple[int, int] | None):
+def build_augmentation(crop: tuple[int, int] | None, affine: bool = True):
     """MONAI dictionary transforms on {"image": (3,H,W) 0..255, "mask": (1,H,W)}: flips, 90-degree
-    rotations, a small rotation/scale affine (bilinear for the image, nearest for the mask),
-    intensity scale and shift on the image only; optionally a random-size crop first."""
+    rotations, a small rotation/scale affine (bilinear for the image, nearest for the mask; `affine`
+    False leaves it out, so no pixel is interpolated), intensity scale and shift on the image only;
+    optionally a random-size crop first."""
     from monai.transforms import (
         Compose,
         RandAffined,
@@ -50,14 +52,17 @@ def build_augmentation(crop: tuple[int, int] | None):
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys, prob=0.2, spatial_axis=0),
         RandRotate90d(keys, prob=0.2, max_k=3),
-        RandAffined(
+    ]
+    if affine:
+        transforms.append(RandAffined(
             keys,
             prob=0.7,
             rotate_range=math.pi / 12,
             scale_range=0.15,
             mode=("bilinear", "nearest"),
             padding_mode="zeros",
-        ),
+        ))
+    transforms += [
         RandScaleIntensityd("image", factors=0.2, prob=0.5),
         RandShiftIntensityd("image", offsets=20.0, prob=0.5),
     ]
@@ -93,7 +98,7 @@ class SegmentationDataset(Dataset):
         self.modalities = tuple(modalities)
         self.image_size = image_size
         self.mean, self.std, self.resize = tuple(mean), tuple(std), resize
-        self._augmenters: dict[tuple[int, int] | None, object] = {}
+        self._augmenters: dict[tuple[tuple[int, int] | None, bool], object] = {}
         for item in self.items:
             if item.sample.modality not in self.modalities:
                 from ..errors import ModalityError
@@ -123,9 +128,10 @@ class SegmentationDataset(Dataset):
     def _augment(
         self, item: TrainItem, image: np.ndarray, mask: np.ndarray, seed: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        if item.crop not in self._augmenters:
-            self._augmenters[item.crop] = build_augmentation(item.crop)
-        transform = self._augmenters[item.crop]
+        key = (item.crop, item.affine)
+        if key not in self._augmenters:
+            self._augmenters[key] = build_augmentation(item.crop, item.affine)
+        transform = self._augmenters[key]
         transform.set_random_state(seed=seed)
         out = transform({
             "image": image.transpose(2, 0, 1).astype(np.float32),

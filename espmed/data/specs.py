@@ -11,7 +11,8 @@
     {kind = "unlabelled", source = "skimage:retina", modality = "fundus"} # distillation only
 
 Common keys: `domain` ("seen"/"unseen", for evaluation summaries), `repeat` (items per sample per
-epoch, to balance datasets), `crop` ([min, max] random square crop side), `augment` (bool).
+epoch, to balance datasets), `crop` ([min, max] random square crop side), `augment` (bool),
+`affine` (bool: the rotation/scale affine of the augmentation; false keeps pixels exact).
 Relative paths are resolved against the config file's folder.
 """
 
@@ -29,7 +30,7 @@ from .sources import Sample
 KINDS = (
     "folder", "release", "csv", "volume", "mni152", "dsb2018-nuclei", "pyradiomics", "stardist-nuclei", "unlabelled",
 )
-_COMMON = {"kind", "modality", "domain", "repeat", "crop", "augment"}
+_COMMON = {"kind", "modality", "domain", "repeat", "crop", "augment", "affine"}
 _KEYS = {
     "folder": {"images", "masks"},
     "release": {"root", "name", "split"},
@@ -111,5 +112,7 @@ def train_items(spec: Mapping[str, Any], base: Path = Path(".")) -> list[TrainIt
         if len(crop) != 2 or not 16 <= int(crop[0]) <= int(crop[1]):
             raise DatasetSpecError(f"{spec.get('kind')} dataset: crop must be [min, max] sides, min >= 16")
         crop = (int(crop[0]), int(crop[1]))
-    augment = bool(spec.get("augment", True))
-    return [TrainItem(s, augment, crop) for s in load_samples(spec, base) for _ in range(repeat)]
+    augment, affine = (spec.get(key, True) for key in ("augment", "affine"))
+    if not isinstance(augment, bool) or not isinstance(affine, bool):
+        raise DatasetSpecError(f"{spec.get('kind')} dataset: augment and affine must be true or false")
+    return [TrainItem(s, augment, crop, affine) for s in load_samples(spec, base) for _ in range(repeat)]
