@@ -6,9 +6,9 @@
         openvino-int8-bf16=$A/openvino-int8/esp-medsam-real_microscopy_openvino-int8.xml@bf16 [--rounds 10 --runs 5]
 
 `espmed bench` measures one target after another, each in its own worker; on a shared 2-core
-machine a burst of load from elsewhere then lands on one target only (the same INT8 model measured 261 and
-294 ms minutes apart). Here every round times each artifact `--runs` times in turn, so a burst hits
-all of them; the ratio of each artifact to the first one is taken per round and its median reported.
+machine a burst of load from elsewhere then lands on one target only (the same INT8 model measured
+261 and 294 ms minutes apart). Here every round times each artifact `--runs` times in turn, so a
+burst hits all of them; the ratio of each artifact to the first one is taken per round and its median reported.
 Writes the table as JSON and Markdown beside `--out`.
 """
 
@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{label} {statistics.median(times[label][-1]):.0f} ms" for label in segmenters), flush=True)
 
     base = next(iter(segmenters))
+    base_rounds = [statistics.median(t) for t in times[base]]
     rows = []
     for label, path, precision in args.entries:
         per_round = [statistics.median(t) for t in times[label]]
-        ratios = [b / m for b, m in zip((statistics.median(t) for t in times[base]), per_round, strict=True)]
+        ratios = [b / m for b, m in zip(base_rounds, per_round, strict=True)]
         rows.append({
             "label": label, "artifact": str(path), "precision": getattr(segmenters[label], "precision", precision),
             "median_ms": statistics.median(v for t in times[label] for v in t),

@@ -48,11 +48,11 @@ def save_ir(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:
 
 def with_fp16_weights(model, scratch: Path):
     """`model` with its float weights stored in FP16 (a Constant f16 -> Convert pair each), read back
-    into memory (not mapped) from an IR saved at `scratch`, which is then removed. Why: `save_model` leaves every
-    weight of a model that already holds FakeQuantize ops in FP32, so an INT8 IR's float layers (the
-    recipe's, about 40 % of its file) stay FP32 unless the FP32 model is compressed before NNCF
-    quantizes it; NNCF then stores the quantized weights int8 and keeps the rest FP16. The CPU
-    plugin decompresses FP16 weights at compile time."""
+    into memory (not mapped) from an IR saved at `scratch`, which is then removed. Why:
+    `save_model` leaves every weight of a model that already holds FakeQuantize ops in FP32, so an
+    INT8 IR's float layers (the recipe's, about 40 % of its file) stay FP32 unless the FP32 model is
+    compressed before NNCF quantizes it; NNCF then stores the quantized weights int8 and keeps the
+    rest FP16. The CPU plugin decompresses FP16 weights at compile time."""
     import openvino as ov
 
     paths = save_ir(model, scratch, compress_to_fp16=True)

@@ -107,21 +107,18 @@ class Judge:
 
     def __init__(self, gate: Gate, meta: ArtifactMetadata, work: Path, threads: int) -> None:
         self.gate, self.meta, self.work, self.threads = gate, meta, work, threads
-        self.probes: list[Path] = []
-        self.staged = 0
+        self.staged = 0  # probes staged so far; the last one is probe<staged>.xml
 
     def open(self, model, precision: str):
         """Stage `model` under a new name each time (the previous probe's files removed): OpenVINO
         reuses a path's mapping while a model still maps it (FP16 weights are decompressed from the
         mapping), so rewriting one path crashed with SIGBUS or would read stale weights."""
-        for old in self.probes:
-            old.unlink(missing_ok=True)
+        previous = self.work / f"probe{self.staged}.xml"
+        for path in (previous, previous.with_suffix(".bin")):
+            path.unlink(missing_ok=True)
         self.staged += 1
-        probe = self.work / f"probe{self.staged}.xml"
-        segmenter = save_and_open(model, self.meta, probe, compress_to_fp16=False, precision=precision,
-                                  threads=self.threads)
-        self.probes = [probe, probe.with_suffix(".bin")]
-        return segmenter
+        return save_and_open(model, self.meta, self.work / f"probe{self.staged}.xml", compress_to_fp16=False,
+                             precision=precision, threads=self.threads)
 
     def compare(self, model, precision: str) -> Comparison:
         return self.gate.compare(self.open(model, precision))
