@@ -195,15 +195,15 @@ def test_bad_artifacts_are_refused_with_one_line(artifacts, tmp_path):
     with pytest.raises(ArtifactError, match=r"graph input shape \[None, 3, 256, 256\] does not match"):
         load(tmp_path / "says_320.onnx")
     meta.input_size = 256
-    for resize in ("stretch", "longest-side-replicate"):
+    for resize in ("stretch", "longest-side-block-exact"):
         meta.preprocessing["resize"] = resize
         prop.value = meta.to_json()
         onnx.save(model, str(tmp_path / f"{resize}.onnx"))
     with pytest.raises(ArtifactError, match="unsupported preprocessing \\(resize 'stretch'"):
         load(tmp_path / "stretch.onnx")
-    small = np.random.default_rng(0).integers(0, 256, (40, 64), dtype=np.uint8)  # longest side <= 256 / 4
-    x, box = load(tmp_path / "longest-side-replicate.onnx").preprocess(small)
-    assert box.resized_hw == (160, 256) and np.array_equal(x[0, :160:4, ::4], x[0, 3:160:4, 3::4])
+    small = np.random.default_rng(0).integers(0, 256, (30, 50), dtype=np.uint8)
+    x, box = load(tmp_path / "longest-side-block-exact.onnx").preprocess(small)
+    assert box.resized_hw == (152, 256)  # 4x the quarter-size resize (38 x 64), not 154 x 256
     xml, = _copy([artifacts["openvino"]], tmp_path / "nobin")
     with pytest.raises(ArtifactError, match="tiny.bin is missing"):
         load(xml)

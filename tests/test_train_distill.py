@@ -273,8 +273,8 @@ def test_model_preprocessing_table_in_a_run_config():
                      "preprocessing": {"mean": [0, 0, 0], "std": [255, 255, 255]}}}
     model = build_model(parse_config(raw))
     assert model.config.preprocessing.mean == (0, 0, 0) and model.config.preprocessing.std == (255, 255, 255)
-    raw["model"]["preprocessing"]["resize"] = "longest-side-replicate"
-    assert build_model(parse_config(raw)).config.preprocessing.resize == "longest-side-replicate"
+    raw["model"]["preprocessing"]["resize"] = "longest-side-block-exact"
+    assert build_model(parse_config(raw)).config.preprocessing.resize == "longest-side-block-exact"
     raw["model"]["preprocessing"]["resize"] = "stretch"
     with pytest.raises(ConfigError, match=r"\[model.preprocessing\]: resize must be one of"):
         parse_config(raw)
