@@ -163,3 +163,18 @@ def test_fuzz_example_counts():
     print(f"\nfuzz examples run: readers {RUNS['readers']}, preprocessing {RUNS['preprocess']}")
     if RUNS["readers"] and RUNS["preprocess"]:
         assert RUNS["readers"] >= min(EXAMPLES, 100) and RUNS["preprocess"] >= min(EXAMPLES, 100)
+
+
+def test_a_corrupt_element_decoded_late_is_an_image_read_error(tmp_path):
+    """pydicom decodes elements at first use: a SOP Class UID whose VR bytes were damaged ('U\\0',
+    found by the fuzzer in CI) raised NotImplementedError from the SOP-class check, past the reader."""
+    from pydicom.data import get_testdata_file
+
+    good = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    element = b"\x08\x00\x16\x00UI"  # (0008,0016) SOP Class UID, explicit VR little endian
+    assert good.count(element) == 1
+    bad = tmp_path / "bad_vr.dcm"
+    bad.write_bytes(good.replace(element, b"\x08\x00\x16\x00U\x00"))
+    read_image(Path(get_testdata_file("CT_small.dcm")))
+    with pytest.raises(ImageReadError, match="corrupt DICOM element"):
+        read_image(bad)

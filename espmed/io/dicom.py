@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -233,31 +234,46 @@ def read_dicom(path: str | Path) -> MedicalImage:
     """One DICOM file; each of its frames is segmented."""
     path = Path(path)
     ds = read_dataset(path)
-    check_image_instance(ds, path)
-    frames = dicom_frames(ds, path)
-    return MedicalImage(path, "dicom", frames, source=[ds], info=_describe(ds))
+    with _corrupt_elements_refused(path):
+        check_image_instance(ds, path)
+        frames = dicom_frames(ds, path)
+        return MedicalImage(path, "dicom", frames, source=[ds], info=_describe(ds))
+
+
+@contextmanager
+def _corrupt_elements_refused(path: Path):
+    """pydicom decodes an element at first use, so a corrupt one (an unknown VR, a value that does
+    not parse) raises there, of assorted types: one read error naming the file instead."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError, ValueError, KeyError, ... from pydicom
+        raise read_error(path, "corrupt DICOM element", exc) from None
 
 
 def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = None) -> MedicalImage:
     """Single-frame instances of one series, sorted along the slice normal."""
     datasets = [(Path(p), read_dataset(p)) for p in paths]
-    uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(uids) != 1:
-        raise ImageReadError(f"{label or paths[0]}: files belong to {len(uids)} different series")
-    datasets.sort(key=lambda item: _slice_key(item[1]))
-    frames = []
-    for p, ds in datasets:
-        check_image_instance(ds, p)
-        got = dicom_frames(ds, p)
-        if len(got) != 1:
-            raise ImageReadError(f"{p}: multi-frame instance inside a series of single-frame instances")
-        frames.extend(got)
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:
-        raise ImageReadError(f"{label or paths[0]}: instances of the series differ in size {sorted(shapes)}")
-    path = Path(label) if label is not None else Path(paths[0]).parent
-    info = _describe(datasets[0][1]) | {"instances": len(datasets)}
-    return MedicalImage(path, "dicom", frames, source=[ds for _, ds in datasets], info=info)
+    with _corrupt_elements_refused(Path(label or paths[0])):
+        uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
+        if len(uids) != 1:
+            raise ImageReadError(f"{label or paths[0]}: files belong to {len(uids)} different series")
+        datasets.sort(key=lambda item: _slice_key(item[1]))
+        frames = []
+        for p, ds in datasets:
+            with _corrupt_elements_refused(p):
+                check_image_instance(ds, p)
+                got = dicom_frames(ds, p)
+            if len(got) != 1:
+                raise ImageReadError(f"{p}: multi-frame instance inside a series of single-frame instances")
+            frames.extend(got)
+        shapes = {f.shape for f in frames}
+        if len(shapes) != 1:
+            raise ImageReadError(f"{label or paths[0]}: instances of the series differ in size {sorted(shapes)}")
+        path = Path(label) if label is not None else Path(paths[0]).parent
+        info = _describe(datasets[0][1]) | {"instances": len(datasets)}
+        return MedicalImage(path, "dicom", frames, source=[ds for _, ds in datasets], info=info)
 
 
 def _slice_key(ds) -> tuple[float, int]:
