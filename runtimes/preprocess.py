@@ -148,10 +148,11 @@ def _add_upsample4(a: np.ndarray, out: np.ndarray, axis: int) -> None:
 
     before = np.concatenate([a[along(0, 1)], a[along(0, -1)]], axis=axis)
     after = np.concatenate([a[along(1)], a[along(-1)]], axis=axis)
-    out[along(0, None, BLOCK)] += 0.375 * before + 0.625 * a
-    out[along(1, None, BLOCK)] += 0.125 * before + 0.875 * a
-    out[along(2, None, BLOCK)] += 0.875 * a + 0.125 * after
-    out[along(3, None, BLOCK)] += 0.625 * a + 0.375 * after
+    # row 4 + k of a 3-sample upsample: output 4j + k's weights on samples j - 1, j, j + 1 (two
+    # of them nonzero)
+    for k, weights in enumerate(bilinear_matrix(3 * BLOCK, 3)[BLOCK:2 * BLOCK]):
+        first, second = (float(w) * v for w, v in zip(weights, (before, a, after), strict=True) if w)
+        out[along(k, None, BLOCK)] += first + second
 
 
 @lru_cache(maxsize=16)

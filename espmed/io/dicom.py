@@ -136,20 +136,25 @@ def check_image_instance(ds, path: Path) -> None:
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
     """The instance's frames, display-scaled to uint8 (gray) or RGB uint8."""
-    return _header_checked(_dicom_frames, ds, path)
+    with header_checked(path):
+        return _dicom_frames(ds, path)
 
 
 def stored_pixels(ds, path: Path) -> np.ndarray:
     """The stored values as pydicom decodes them (frames first when several), size-checked from the header."""
-    return _header_checked(_stored_pixels, ds, path)
+    with header_checked(path):
+        return _stored_pixels(ds, path)
 
 
-def _header_checked(read, ds, path: Path):
+@contextmanager
+def header_checked(path: Path):
+    """pydicom converts an element's value at first use, so a malformed one (an unknown VR, a value
+    that does not parse) raises there, of assorted types: one read error naming the file instead."""
     try:
-        return read(ds, path)
+        yield
     except ImageReadError:
         raise
-    except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError, ValueError, KeyError, ... from pydicom
         raise read_error(path, "malformed DICOM header", exc) from None
 
 
@@ -234,35 +239,23 @@ def read_dicom(path: str | Path) -> MedicalImage:
     """One DICOM file; each of its frames is segmented."""
     path = Path(path)
     ds = read_dataset(path)
-    with _corrupt_elements_refused(path):
+    with header_checked(path):
         check_image_instance(ds, path)
         frames = dicom_frames(ds, path)
         return MedicalImage(path, "dicom", frames, source=[ds], info=_describe(ds))
 
 
-@contextmanager
-def _corrupt_elements_refused(path: Path):
-    """pydicom decodes an element at first use, so a corrupt one (an unknown VR, a value that does
-    not parse) raises there, of assorted types: one read error naming the file instead."""
-    try:
-        yield
-    except ImageReadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - NotImplementedError, ValueError, KeyError, ... from pydicom
-        raise read_error(path, "corrupt DICOM element", exc) from None
-
-
 def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = None) -> MedicalImage:
     """Single-frame instances of one series, sorted along the slice normal."""
     datasets = [(Path(p), read_dataset(p)) for p in paths]
-    with _corrupt_elements_refused(Path(label or paths[0])):
+    with header_checked(Path(label or paths[0])):
         uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
         if len(uids) != 1:
             raise ImageReadError(f"{label or paths[0]}: files belong to {len(uids)} different series")
         datasets.sort(key=lambda item: _slice_key(item[1]))
         frames = []
         for p, ds in datasets:
-            with _corrupt_elements_refused(p):
+            with header_checked(p):
                 check_image_instance(ds, p)
                 got = dicom_frames(ds, p)
             if len(got) != 1:

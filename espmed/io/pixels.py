@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
-from .common import check_finite, check_volume_size, existing_file, read_error
-from .dicom import DICOM_SUFFIXES, is_dicom_file, read_dataset, stored_pixels
+from .common import check_finite, check_volume_size, existing_file
+from .dicom import DICOM_SUFFIXES, header_checked, is_dicom_file, read_dataset, stored_pixels
 from .nifti import decode_nifti, is_nifti_path
 from .npy import image_shape, read_npy
 from .nrrd import NRRD_SUFFIXES, read_nrrd
@@ -99,11 +99,9 @@ def _dicom_folder(folder: Path, axis: int) -> np.ndarray:
 
 
 def _slice_place(ds, path: Path, index: int) -> tuple[float, tuple[int, int]]:
-    try:
+    with header_checked(path):
         if "ImagePositionPatient" in ds:
             z = float(ds.ImagePositionPatient[2])
         else:
             z = float(ds.get("InstanceNumber", index))
         return z, (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
-    except Exception as exc:  # pydicom converts element values lazily: a malformed one raises on access
-        raise read_error(path, "malformed DICOM header", exc) from None
