@@ -232,6 +232,23 @@ def test_dicom_series_is_grouped_and_sorted(tmp_path):
     assert len(image.frames) == 3 and not np.array_equal(image.frames[0], image.frames[1])
 
 
+def test_series_and_volume_readers_share_one_slice_order(tmp_path):
+    """A sagittal series (z constant; normal -x) whose file names and InstanceNumbers both run against
+    its positions: the series reader and the volume-folder reader both stack it along the normal."""
+    paths = make_ct_series(tmp_path / "sagittal")
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+        ds.ImagePositionPatient = [-5.0 * i, 0.0, 10.0]
+        ds.InstanceNumber = 3 - i
+        ds.save_as(path)
+    series = read_dicom_series(sorted(paths))
+    assert [int(ds.InstanceNumber) for ds in series.source] == [3, 2, 1]  # -x = 0, 5, 10
+    volume = read_volume(tmp_path / "sagittal")
+    expected = [pydicom.dcmread(p).pixel_array.T for p in paths]
+    np.testing.assert_array_equal(volume, np.stack(expected, axis=-1))
+
+
 def test_dicom_seg_reads_back_and_references_the_sources(tmp_path):
     import highdicom as hd
 

@@ -252,7 +252,7 @@ def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = No
         uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
         if len(uids) != 1:
             raise ImageReadError(f"{label or paths[0]}: files belong to {len(uids)} different series")
-        datasets.sort(key=lambda item: _slice_key(item[1]))
+        datasets.sort(key=lambda item: slice_order_key(item[1]))
         frames = []
         for p, ds in datasets:
             with header_checked(p):
@@ -269,14 +269,19 @@ def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = No
         return MedicalImage(path, "dicom", frames, source=[ds for _, ds in datasets], info=info)
 
 
-def _slice_key(ds) -> tuple[float, int]:
+def slice_order_key(ds) -> tuple[float, int]:
+    """Where a slice lies in its stack: its position along the slice normal (ImagePositionPatient
+    projected on the normal of ImageOrientationPatient; z alone when the orientation is missing),
+    then InstanceNumber; the one slice-order rule of the series and volume readers."""
     position = ds.get("ImagePositionPatient")
     orientation = ds.get("ImageOrientationPatient")
     number = int(ds.get("InstanceNumber", 0) or 0)
-    if position is not None and orientation is not None and len(orientation) == 6:
-        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-        return float(np.dot(normal, np.asarray(position, float))), number
-    return 0.0, number
+    if position is None or len(position) != 3:
+        return 0.0, number
+    if orientation is None or len(orientation) != 6:
+        return float(position[2]), number
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    return float(np.dot(normal, np.asarray(position, float))), number
 
 
 def group_series(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], list[Path]]:

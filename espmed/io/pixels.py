@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .common import check_finite, check_volume_size, existing_file
-from .dicom import DICOM_SUFFIXES, header_checked, is_dicom_file, read_dataset, stored_pixels
+from .dicom import DICOM_SUFFIXES, header_checked, is_dicom_file, read_dataset, slice_order_key, stored_pixels
 from .nifti import decode_nifti, is_nifti_path
 from .npy import image_shape, read_npy
 from .nrrd import NRRD_SUFFIXES, read_nrrd
@@ -73,13 +73,13 @@ def read_volume(path: str | Path, axis: int = 2) -> np.ndarray:
 
 def _dicom_folder(folder: Path, axis: int) -> np.ndarray:
     """The folder's DICOM slices with pixel data (other files skipped), transposed to (x, y) and
-    stacked along z by ImagePositionPatient[2], else InstanceNumber, else file order."""
-    found = []  # (z, (rows, cols), path, dataset)
+    stacked in `slice_order_key` order (file order among equal keys)."""
+    found = []  # (order key, (rows, cols), path, dataset)
     for p in sorted(folder.iterdir()):
         if is_dicom_file(p):
             ds = read_dataset(p)
             if "PixelData" in ds:
-                found.append((*_slice_place(ds, p, len(found)), p, ds))
+                found.append((*_slice_place(ds, p), p, ds))
     if not found:
         raise ImageReadError(f"{folder}: no DICOM slices with pixel data")
     sizes = {size for _, size, _, _ in found}
@@ -98,10 +98,6 @@ def _dicom_folder(folder: Path, axis: int) -> np.ndarray:
     return np.stack(slices, axis=-1)
 
 
-def _slice_place(ds, path: Path, index: int) -> tuple[float, tuple[int, int]]:
+def _slice_place(ds, path: Path) -> tuple[tuple[float, int], tuple[int, int]]:
     with header_checked(path):
-        if "ImagePositionPatient" in ds:
-            z = float(ds.ImagePositionPatient[2])
-        else:
-            z = float(ds.get("InstanceNumber", index))
-        return z, (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        return slice_order_key(ds), (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
