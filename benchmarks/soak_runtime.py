@@ -100,20 +100,11 @@ def soak(
 
 def tiny_onnx(folder: Path) -> Path:
     """A random-weight tiny ESP-MedSAM (256 px) exported to ONNX with a dynamic batch."""
-    import torch
-
+    from espmed.benchmark.weights import randomise_
     from espmed.export import export
     from espmed.model import ESPMedSAM, get_preset, save_checkpoint
 
-    model = ESPMedSAM(get_preset("esp-medsam-tiny"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    model = randomise_(ESPMedSAM(get_preset("esp-medsam-tiny")), seed=0)
     checkpoint = save_checkpoint(model.eval(), folder / "tiny.safetensors")
     return export(checkpoint, "onnx", folder / "tiny.onnx", modality="fundus", dynamic=True, simplify="none").artifact
 

@@ -67,6 +67,51 @@ def test_stardist_nuclei_splits_are_disjoint_regions_with_foreground():
         load_samples({"kind": "stardist-nuclei", "split": "valid", "modality": "microscopy"})
 
 
+def test_dicom_overlay_mask_is_the_filled_outline():
+    spec = {"kind": "dicom-overlay", "path": "pydicom:examples_overlay.dcm", "modality": "mr-lesion",
+            "domain": "unseen"}
+    (sample,) = load_samples(spec)
+    assert sample.image.shape == (300, 484) and sample.domain == "unseen" and sample.name == "examples_overlay_6000"
+    outline = np.asarray(load_dataset_overlay(), dtype=bool)
+    # the plane also holds the viewer's "Tra" label and a box at the lower edge: only the lesion contour
+    # (128 px) and the region it encloses are the mask
+    assert outline.sum() == 222 and sample.mask.sum() == 920 and (sample.mask & outline).sum() == 128
+    rows, cols = np.nonzero(sample.mask)
+    assert 130 <= rows.min() and rows.max() <= 175 and 40 <= cols.min() and cols.max() <= 85  # the liver lesion
+
+
+def load_dataset_overlay():
+    from pydicom import examples
+
+    return examples.overlay.overlay_array(0x6000)
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ({"path": "pydicom:CT_small.dcm"}, ImageReadError, "no overlay plane 6000"),
+    ({"path": "pydicom:absent.dcm"}, ImageReadError, "not found"),
+    ({"path": "absent.dcm"}, ImageReadError, "no such file"),
+    ({"path": "pydicom:examples_overlay.dcm", "group": 0x6001}, DatasetSpecError, "overlay group"),
+    ({"path": "pydicom:examples_overlay.dcm", "group": 0x6002}, ImageReadError, "no overlay plane 6002"),
+])
+def test_dicom_overlay_refusals(tmp_path, spec, error, message):
+    with pytest.raises(error, match=message):
+        load_samples({"kind": "dicom-overlay", "modality": "mr-lesion", **spec}, tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ds: setattr(ds[0x6000, 0x3000], "value", bytes(len(ds[0x6000, 0x3000].value))), "is empty"),
+    (lambda ds: setattr(ds[0x6000, 0x0050], "value", [100, 1]), "outside the"),
+])
+def test_dicom_overlay_empty_or_misplaced_plane_is_a_read_error(tmp_path, change, message):
+    from pydicom import examples
+
+    ds = examples.overlay
+    change(ds)
+    ds.save_as(tmp_path / "marked.dcm")
+    with pytest.raises(ImageReadError, match=message):
+        load_samples({"kind": "dicom-overlay", "path": "marked.dcm", "modality": "mr-lesion"}, tmp_path)
+
+
 def test_fp16_checkpoint_is_half_the_size_and_loads_as_float32(tmp_path):
     torch.manual_seed(0)
     cfg = get_preset("esp-medsam-tiny", image_size=64)

@@ -16,7 +16,7 @@ Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real
   stage2   K/V logit bias -30 -> -6 (at -30 its gradients are ~1e-17), then each shipped controller
            distilled at 1024² on its own modality's images, trunk frozen.
   stage3   segmentation (`configs/real-segment.toml`: SPPG and decoder; trunk, controllers and neck
-           frozen, BatchNorm statistics too) on real masks at 512².
+           frozen, BatchNorm statistics too) on real masks at its image size (1024²).
   eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
            and per volume (pooled over its slices), plus the held-out teacher cosine.
   ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), measured again
@@ -272,21 +272,22 @@ def evaluate_model(model, out_dir: Path) -> dict:
     samples = _samples(cfg, "test")
     model.config = model.config.with_(image_size=EVAL_SIZE)
     result = evaluate(model, samples, out_dir, save_predictions=True, nsd_tolerance=2.0, batch_size=2)
-    volumes: dict[str, dict] = defaultdict(lambda: {"slices": 0, "tp": 0, "pred": 0, "truth": 0})
+    volumes: dict[tuple, dict] = defaultdict(lambda: {"slices": 0, "tp": 0, "pred": 0, "truth": 0})
     from espmed.io import read_mask
 
     for s in samples:
         pred = read_mask(out_dir / "predictions" / f"{s.name}.png")
-        v = volumes[(s.modality, s.name.split("_ax")[0])]
+        v = volumes[(s.modality, s.name.split("_ax")[0], s.domain)]
         v["slices"] += 1
         v["tp"] += int((pred & s.mask).sum())
         v["pred"] += int(pred.sum())
         v["truth"] += int(s.mask.sum())
     per_volume = []
-    for (modality, name), v in volumes.items():
+    for (modality, name, domain), v in volumes.items():
         rows = [r for r in result["images"] if r["name"].split("_ax")[0] == name]
         per_volume.append({
-            "modality": modality, "volume_or_image": name, "slices": v["slices"], "truth_pixels": v["truth"],
+            "modality": modality, "volume_or_image": name, "domain": domain, "slices": v["slices"],
+            "truth_pixels": v["truth"],
             "pred_pixels": v["pred"], "dice_pooled": round(2 * v["tp"] / max(1, v["pred"] + v["truth"]), 4),
             **{f"{m}_mean": round(sum(r[m] for r in rows) / len(rows), 4) for m in ("dice", "iou", "hd95", "nsd")},
         })
@@ -352,7 +353,8 @@ def metrics_table(result: dict) -> list[str]:
     lines = ["| modality | held-out volume / image | slices | truth px | Dice (pooled) | Dice (mean/slice) | IoU "
              "| HD95 (px) | NSD (2 px) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result["per_volume"]:
-        lines.append(f"| {v['modality']} | {v['volume_or_image']} | {v['slices']} | {v['truth_pixels']:,} | "
+        source = v["volume_or_image"] + (" (unseen source)" if v.get("domain") == "unseen" else "")
+        lines.append(f"| {v['modality']} | {source} | {v['slices']} | {v['truth_pixels']:,} | "
                      f"{v['dice_pooled']:.4f} | {v['dice_mean']:.4f} | {v['iou_mean']:.4f} | {v['hd95_mean']:.2f} | "
                      f"{v['nsd_mean']:.4f} |")
     return lines

@@ -10,6 +10,8 @@ from where the installer put it: nothing is downloaded here.
   test = the two 256x256 quadrants of the right half, whole (each has nuclei).
 - unlabelled: one real image without a mask, for distillation (stage 1) only, from scikit-image's
   `skimage.data`, pydicom's test files (pydicom + pydicom-data), or the stardist wheel's data.
+- dicom-overlay: a DICOM image whose finding is outlined in an overlay plane (how a viewer marks a
+  lesion), e.g. pydicom's `examples_overlay.dcm` (MR abdomen, a liver lesion outlined).
 """
 
 from __future__ import annotations
@@ -82,13 +84,47 @@ def unlabelled_image(source: str) -> np.ndarray:
             raise ImageReadError(f"skimage.data has no image {name!r}")
         return np.asarray(getattr(data, name)())
     if scheme == "pydicom":
-        from pydicom.data import get_testdata_file
-
-        path = get_testdata_file(name)
-        if path is None:
-            raise ImageReadError(f"pydicom test file {name!r} not found (pip install pydicom-data)")
-        return read_image(path).frames[0]
+        return read_image(pydicom_test_file(name)).frames[0]
     return read_image(stardist_file(name)).frames[0]
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A DICOM test file shipped with pydicom or pydicom-data (no download)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise ImageReadError(f"pydicom test file {name!r} not found (pip install pydicom-data)")
+    return Path(path)
+
+
+def dicom_overlay(path: str | Path, modality: str, domain: str = "seen", group: int = 0x6000) -> list[Sample]:
+    """One DICOM image (read as `espmed predict` reads it) and the mask its overlay plane `group`
+    outlines: the largest region of the plane with holes filled, so a drawn contour becomes its region
+    and the labels or markers a viewer draws beside it (text, orientation boxes) are dropped.
+    `path` may be `pydicom:<test file>`."""
+    from scipy.ndimage import binary_fill_holes, label
+
+    from ..io.dicom import header_checked, read_dataset
+
+    path = pydicom_test_file(str(path)[len("pydicom:"):]) if str(path).startswith("pydicom:") else Path(path)
+    image = read_image(path).frames[0]
+    ds = read_dataset(path)
+    with header_checked(path):
+        if (group, 0x3000) not in ds:
+            raise ImageReadError(f"{path}: no overlay plane {group:04X} (its outline is the mask)")
+        plane = np.asarray(ds.overlay_array(group), dtype=bool)
+        row, col = (int(v) - 1 for v in ds[group, 0x0050].value) if (group, 0x0050) in ds else (0, 0)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    if row < 0 or col < 0 or row + plane.shape[0] > mask.shape[0] or col + plane.shape[1] > mask.shape[1]:
+        raise ImageReadError(f"{path}: overlay plane {group:04X} {plane.shape} at ({row + 1}, {col + 1}) lies "
+                             f"outside the {mask.shape} image")
+    mask[row : row + plane.shape[0], col : col + plane.shape[1]] = plane
+    regions, count = label(binary_fill_holes(mask), structure=np.ones((3, 3)))
+    if not count:
+        raise ImageReadError(f"{path}: overlay plane {group:04X} is empty")
+    mask = regions == 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+    return [Sample(f"{path.stem}_{group:04x}", image, mask, modality, domain)]
 
 
 def unlabelled(source: str, modality: str) -> list[Sample]:

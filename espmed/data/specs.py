@@ -9,6 +9,7 @@
     {kind = "pyradiomics", root = "data/pyradiomics", volume = "lung1", modality = "ct-lesion"}
     {kind = "stardist-nuclei", split = "test", modality = "microscopy"} # installed stardist wheel
     {kind = "unlabelled", source = "skimage:retina", modality = "fundus"} # distillation only
+    {kind = "dicom-overlay", path = "scan.dcm", modality = "mr-lesion"}   # mask = filled overlay 6000
 
 Common keys: `domain` ("seen"/"unseen", for evaluation summaries), `repeat` (items per sample per
 epoch, to balance datasets), `crop` ([min, max] random square crop side), `augment` (bool),
@@ -29,6 +30,7 @@ from .sources import Sample
 
 KINDS = (
     "folder", "release", "csv", "volume", "mni152", "dsb2018-nuclei", "pyradiomics", "stardist-nuclei", "unlabelled",
+    "dicom-overlay",
 )
 _COMMON = {"kind", "modality", "domain", "repeat", "crop", "augment", "affine"}
 _KEYS = {
@@ -41,6 +43,7 @@ _KEYS = {
     "pyradiomics": {"root", "volume"},
     "stardist-nuclei": {"split"},
     "unlabelled": {"source"},
+    "dicom-overlay": {"path", "group"},
 }
 
 
@@ -91,6 +94,13 @@ def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample
         samples = real.stardist_nuclei(need("split"), modality, domain)
     elif kind == "unlabelled":
         samples = real.unlabelled(need("source"), modality)
+    elif kind == "dicom-overlay":
+        group = spec.get("group", 0x6000)
+        if not isinstance(group, int) or not (0x6000 <= group <= 0x601E and group % 2 == 0):
+            raise DatasetSpecError(f"dicom-overlay dataset: group must be an overlay group (even, 0x6000-0x601E), "
+                                   f"got {group!r}")
+        where = str(need("path"))
+        samples = real.dicom_overlay(where if where.startswith("pydicom:") else path("path"), modality, domain, group)
     else:
         samples = reference.nuclei_samples(need("split"), modality)
     if spec.get("domain") and kind in ("mni152", "dsb2018-nuclei"):
