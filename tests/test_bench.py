@@ -235,3 +235,22 @@ def test_the_bench_uses_the_exports_modality_choice_and_picks_only_among_several
     assert choose_modality(several, "xray", pick=pick) == "xray"
     with pytest.raises(ExportError, match="several modalities"):
         choose_modality(several, None)
+
+
+def test_export_key_changes_with_the_recipe_beside_the_checkpoint(tmp_path):
+    """A re-ranked recipe must not be answered with an INT8 artifact quantized by the old one."""
+    from espmed.benchmark.harness import BenchOptions, _export_key
+    from espmed.export.recipe import recipe_beside
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights")
+    model = {"checkpoint": str(checkpoint), "checkpoint_sha256": "c" * 64, "image_size": 64, "modality": "microscopy",
+             "calibration": None}
+    opts = BenchOptions(checkpoint=checkpoint)
+    keys = [_export_key("openvino-int8", model, opts)]
+    recipe_beside(checkpoint).write_text('{"float_blocks": {}}')
+    keys.append(_export_key("openvino-int8", model, opts))
+    recipe_beside(checkpoint).write_text('{"float_blocks": {"openvino": ["^decoder"]}}')
+    keys.append(_export_key("openvino-int8", model, opts))
+    assert keys[0]["recipe_sha256"] is None and keys[0] != keys[1] != keys[2]
+    assert _export_key("openvino", model, opts)["recipe_sha256"] is None  # float targets read no recipe

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..atomic import write_text
+from ..atomic import file_sha256, write_text
 from ..errors import EspmedError, first_line
 from ..io import read_frame, read_mask
 from ..runtimes.formats import FORMATS, Format, format_named, reference
@@ -252,10 +252,20 @@ def _export_key(target: str, model: dict, opts: BenchOptions) -> dict:
         "batch": opts.batch,
         "dynamic": opts.batch > 1,
         "calibration_sha256": _calib_sha(model["calibration"]) if calibrated else None,
+        "recipe_sha256": _recipe_sha(model["checkpoint"]) if calibrated else None,
         "int8_gate_max_drop": opts.max_drop if calibrated else None,
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
     }
+
+
+def _recipe_sha(checkpoint: str | Path) -> str | None:
+    """The float-layer recipe an INT8 export of `checkpoint` reads (beside it), so that a re-ranked
+    recipe is not answered with an artifact quantized by the old one."""
+    from espmed.export.recipe import recipe_beside
+
+    recipe = recipe_beside(Path(checkpoint))
+    return file_sha256(recipe) if recipe.is_file() else None
 
 
 def _cached(record_path: Path, key: dict) -> tuple[Path, bool, float] | None:
