@@ -405,7 +405,8 @@ def write_reports() -> None:
             + [f"| {k} | {v['values']:,} | {v['from_litemedsam']:,} | {v['neutral']:,} |"
                for k, v in _load("init")["init"].items()]))
         card = card.replace("{{STAGES}}", "\n".join(
-            f"- {s}: {r['seconds']:.0f} s, {r['machine']['where']}" + _cost(r)
+            f"- {s}: {r['seconds']:.0f} s, {r['machine']['where']}, {r['machine']['cpu']}, "
+            f"{r['machine']['threads']} threads" + _cost(r)
             for s in ("stage1", "stage2", "stage3") if (r := _load(s))))
         write_text((REPO / ship["file"]["path"]).with_name("MODEL_CARD.md"), card)
 
