@@ -90,10 +90,14 @@ def load_dataset_overlay():
     ({"path": "pydicom:CT_small.dcm"}, ImageReadError, "no overlay plane 6000"),
     ({"path": "pydicom:absent.dcm"}, ImageReadError, "not found"),
     ({"path": "absent.dcm"}, ImageReadError, "no such file"),
+    ({"path": "scan.png"}, ImageReadError, "not a DICOM file"),
     ({"path": "pydicom:examples_overlay.dcm", "group": 0x6001}, DatasetSpecError, "overlay group"),
     ({"path": "pydicom:examples_overlay.dcm", "group": 0x6002}, ImageReadError, "no overlay plane 6002"),
 ])
 def test_dicom_overlay_refusals(tmp_path, spec, error, message):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "scan.png")
     with pytest.raises(error, match=message):
         load_samples({"kind": "dicom-overlay", "modality": "mr-lesion", **spec}, tmp_path)
 

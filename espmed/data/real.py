@@ -98,18 +98,18 @@ def pydicom_test_file(name: str) -> Path:
     return Path(path)
 
 
-def dicom_overlay(path: str | Path, modality: str, domain: str = "seen", group: int = 0x6000) -> list[Sample]:
+def dicom_overlay(path: Path, modality: str, domain: str = "seen", group: int = 0x6000) -> list[Sample]:
     """One DICOM image (read as `espmed predict` reads it) and the mask its overlay plane `group`
     outlines: the largest region of the plane with holes filled, so a drawn contour becomes its region
-    and the labels or markers a viewer draws beside it (text, orientation boxes) are dropped.
-    `path` may be `pydicom:<test file>`."""
+    and the labels or markers a viewer draws beside it (text, orientation boxes) are dropped."""
     from scipy.ndimage import binary_fill_holes, label
 
-    from ..io.dicom import header_checked, read_dataset
+    from ..io.dicom import header_checked
 
-    path = pydicom_test_file(str(path)[len("pydicom:"):]) if str(path).startswith("pydicom:") else Path(path)
-    image = read_image(path).frames[0]
-    ds = read_dataset(path)
+    read = read_image(path)
+    if read.kind != "dicom":
+        raise ImageReadError(f"{path}: not a DICOM file (an overlay plane is a DICOM element)")
+    image, ds = read.frames[0], read.source[0]
     with header_checked(path):
         if (group, 0x3000) not in ds:
             raise ImageReadError(f"{path}: no overlay plane {group:04X} (its outline is the mask)")

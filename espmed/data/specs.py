@@ -100,7 +100,9 @@ def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample
             raise DatasetSpecError(f"dicom-overlay dataset: group must be an overlay group (even, 0x6000-0x601E), "
                                    f"got {group!r}")
         where = str(need("path"))
-        samples = real.dicom_overlay(where if where.startswith("pydicom:") else path("path"), modality, domain, group)
+        test_file = where.removeprefix("pydicom:")
+        file = real.pydicom_test_file(test_file) if test_file != where else path("path")
+        samples = real.dicom_overlay(file, modality, domain, group)
     else:
         samples = reference.nuclei_samples(need("split"), modality)
     if spec.get("domain") and kind in ("mni152", "dsb2018-nuclei"):
