@@ -3,6 +3,11 @@
 Torch-free so that the device runtime can raise and catch them.
 """
 
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 
 class EspmedError(Exception):
     """Base class: a problem with the user's input, files or environment (not a bug)."""
@@ -42,3 +47,15 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     if not lines:
         return type(exc).__name__
     return f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]
+
+
+def require(module: str, extra: str, *, hint: str = "") -> ModuleType:
+    """`module`, imported; if it is not installed, a `BackendUnavailableError` naming the pip extra
+    that installs it (one line, as the CLI prints it), e.g. ``torch is not installed (pip install
+    'espmed[export]')``. `hint` is appended inside the parentheses."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackendUnavailableError(
+            f"{module.split('.')[0]} is not installed (pip install 'espmed[{extra}]'{hint})"
+        ) from None

@@ -63,19 +63,14 @@ class GraphSegmenter(Segmenter):
 def choose_modality(
     model: ESPMedSAM, modality: str | int | None, *, pick: Callable[[tuple[str, ...]], str] | None = None
 ) -> str:
-    """The modality to export: the one given, or the model's only one. Of several, `pick(available)`
-    chooses when given (the bench picks from its data); else an error listing them."""
+    """The modality to export: the one given; else, of several, `pick(available)` when given (the
+    bench picks from its data); else the model's default (`ESPMedSAM.default_modality`)."""
     available = model.available_modalities
     if modality is not None:
         try:
             return model.config.modalities[model.config.modality_index(modality)]
         except ModalityError as exc:
             raise ExportError(str(exc)) from None
-    if len(available) == 1:
-        return available[0]
-    if pick is not None:
+    if len(available) > 1 and pick is not None:
         return pick(available)
-    raise ExportError(
-        f"the model has controllers for several modalities; choose one with --modality "
-        f"({', '.join(available)})"
-    )
+    return model.default_modality

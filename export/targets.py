@@ -51,11 +51,14 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-def check_options(target: Target, options: dict[str, Any]) -> None:
+def check_options(target: Target, options: dict[str, Any], *, spell: Callable[[str], str] = str) -> None:
+    """Refuse options the target does not take; `spell` names them (the CLI: as its flags)."""
     unknown = sorted(set(options) - set(target.options))
     if unknown:
-        accepted = ", ".join(target.options) if target.options else "none"
-        raise ExportError(f"target {target.name} does not accept option(s) {', '.join(unknown)} (accepted: {accepted})")
+        accepted = ", ".join(map(spell, target.options)) if target.options else "none"
+        raise ExportError(
+            f"target {target.name} does not accept {', '.join(map(spell, unknown))} (accepted: {accepted})"
+        )
 
 
 def _load_model(checkpoint_or_model, imgsz: int | None):
@@ -149,6 +152,9 @@ def export(
         model, ckpt_sha, stem = _load_model(checkpoint_or_model, imgsz)
         chosen = choose_modality(model, modality)
         graph = ExportGraph(model, chosen)
+    if modality is None and len(model.available_modalities) > 1:
+        others = ", ".join(m for m in model.available_modalities if m != chosen)
+        stages.note(f"  modality: {chosen} (the model's default; it also has {others}: choose with --modality)")
     final = _resolve_output(out, stem, chosen, tgt)
     meta = _metadata(
         tgt, graph, batch=0 if dynamic else batch, checkpoint_sha256=ckpt_sha, opset=opset, simplify=simplify

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from espmed.errors import BackendUnavailableError, ExportError
+from espmed.errors import BackendUnavailableError, ExportError, require
 from espmed.runtimes.engine_header import EngineBuildInfo
 from espmed.runtimes.metadata import INPUT_NAME
 
@@ -82,12 +82,7 @@ def plan_matcher(plan: list[str]):
 
 
 def _import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendUnavailableError(
-            "TensorRT is not installed (pip install 'espmed[tensorrt]' on an NVIDIA GPU machine)"
-        ) from None
+    trt = require("tensorrt", "tensorrt", hint=" on an NVIDIA GPU machine")
     if int(trt.__version__.split(".")[0]) < 10:
         raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; espmed builds with TensorRT 10")
     return trt
@@ -95,10 +90,7 @@ def _import_tensorrt():
 
 def gpu_info() -> tuple[str, str]:
     """(GPU name, compute capability 'major.minor') of CUDA device 0, via pycuda."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError:
-        raise BackendUnavailableError("pycuda is not installed (pip install 'espmed[tensorrt]')") from None
+    cuda = require("pycuda.driver", "tensorrt")
     cuda.init()
     dev = cuda.Device(0)
     major, minor = dev.compute_capability()

@@ -2,7 +2,8 @@
 
 Inference precision is always set explicitly: f32 unless the caller (or the exporter, via
 `metadata.runtime_precision`) asks for bf16/f16 -- the CPU plugin would otherwise pick bf16 on
-CPUs with AVX512_BF16. A pool of infer requests makes one segmenter safe for many threads.
+CPUs with AVX512_BF16. `precision` is then what the compiled model runs: a CPU without native BF16
+runs a bf16 request in f32. A pool of infer requests makes one segmenter safe for many threads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError, first_line
+from espmed.errors import ArtifactError, BackendUnavailableError, first_line, require
 
 from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
@@ -22,12 +23,14 @@ PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16":
 DEVICES = ("CPU", "GPU", "AUTO", "NPU")
 
 
-def _import_openvino():
+def _compiled_precision(compiled, requested: str) -> str:
+    """The precision the compiled model runs at, in `PRECISIONS`' spelling (`requested` where the
+    device does not report one, e.g. AUTO)."""
     try:
-        import openvino
-    except ImportError:
-        raise BackendUnavailableError("openvino is not installed (pip install 'espmed[openvino]')") from None
-    return openvino
+        actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    except (RuntimeError, AttributeError):
+        return requested
+    return PRECISIONS.get(actual.lower(), requested)
 
 
 def inference_precision(requested: str | None, metadata: ArtifactMetadata) -> str:
@@ -56,7 +59,7 @@ class OpenVinoSegmenter(Segmenter):
         precision: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        ov = _import_openvino()
+        ov = require("openvino", "openvino")
         path = Path(path)
         if not path.with_suffix(".bin").is_file():
             raise ArtifactError(f"{path}: weights file {path.with_suffix('.bin').name} is missing")
@@ -96,6 +99,7 @@ class OpenVinoSegmenter(Segmenter):
         except Exception as exc:
             raise ArtifactError(f"{path}: OpenVINO cannot compile the model for {device}: {first_line(exc)}") from None
         self.device = device
+        self.precision = _compiled_precision(self.compiled, self.precision)
         m = self.metadata
         names = {n for out in self.compiled.outputs for n in out.get_names()}
         if any(n not in names for n in m.output_names):

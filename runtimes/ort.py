@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError, first_line
+from espmed.errors import ArtifactError, BackendUnavailableError, first_line, require
 
 from .base import Segmenter, check_input_shape
 from .metadata import METADATA_KEY, ArtifactMetadata
@@ -21,14 +21,6 @@ DEVICE_PROVIDERS = {
     "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "TENSORRT": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed (pip install 'espmed[onnx]')") from None
-    return onnxruntime
 
 
 def select_providers(device: str, available: list[str]) -> list[str]:
@@ -67,7 +59,7 @@ class OnnxRuntimeSegmenter(Segmenter):
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "CPU", threads: int | None = None) -> None:
-        ort = _import_ort()
+        ort = require("onnxruntime", "onnx")
         path = Path(path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

@@ -13,18 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from espmed import __version__
-from espmed.errors import BackendUnavailableError, ModalityError
+from espmed.errors import ModalityError, require
 
 from .base import Segmenter
 from .metadata import ArtifactMetadata
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise BackendUnavailableError("torch is not installed (pip install 'espmed[torch]')") from None
-    return torch
 
 
 class TorchSegmenter(Segmenter):
@@ -37,21 +29,15 @@ class TorchSegmenter(Segmenter):
         threads: int | None = None,
         image_size: int | None = None,
     ) -> None:
-        torch = _import_torch()
+        torch = require("torch", "torch")
         from espmed.atomic import file_sha256
         from espmed.model import load_checkpoint
 
         path = Path(path)
         model = load_checkpoint(path, image_size=image_size)
         cfg = model.config
-        available = model.available_modalities
         if modality is None:
-            if len(available) != 1:
-                raise ModalityError(
-                    f"{path}: the checkpoint serves several modalities ({', '.join(available)}); "
-                    "choose one with modality=..."
-                )
-            modality = available[0]
+            modality = model.default_modality
         try:
             index = cfg.modality_index(modality)
             self.model = model.specialize(index).eval()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError, first_line
+from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError, first_line, require
 
 from .base import Prediction, Segmenter
 from .preprocess import sigmoid, to_rgb_uint8
@@ -33,14 +33,6 @@ DEFAULT_PORT = 8001
 TIMEOUT_S = 120.0
 #: gRPC codes that mean the server is not there (or not answering), rather than refusing the request.
 _UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
-
-
-def _tritonclient():
-    try:
-        import tritonclient.grpc as grpcclient
-    except ImportError:
-        raise BackendUnavailableError("tritonclient is not installed (pip install 'espmed[triton]')") from None
-    return grpcclient
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -69,7 +61,7 @@ class TritonSegmenter(Segmenter):
         self.url = url
         self.address, self.model_name, self.model_version = parse_url(url)
         self.timeout_s = timeout_s
-        self._grpc = _tritonclient()
+        self._grpc = require("tritonclient.grpc", "triton")
         self._lock = threading.RLock()  # _connect holds it while a failed call in _ask drops the client
         self._client = None
         self._config = None

@@ -81,12 +81,12 @@ def test_predict_pngs_dicom_series_and_nifti_with_a_bad_file(artifacts, tmp_path
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
-def test_predict_checkpoint_needs_a_modality_and_png_format_per_frame(artifacts, tmp_path):
+def test_predict_checkpoint_runs_its_default_modality_or_the_one_named_png_per_frame(artifacts, tmp_path):
     multi = get_testdata_file("SC_rgb_rle_2frame.dcm")  # 2 frames
-    proc = espmed("predict", multi, "--model", artifacts["checkpoint"], "--out", tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "several modalities" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = espmed("predict", multi, "--model", artifacts["checkpoint"], "--format", "png", "--out", tmp_path / "d",
+                  "--threads", "1")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "modality brain" in proc.stderr  # the first of its controllers in query order
 
     proc = espmed("predict", multi, "--model", artifacts["checkpoint"], "--modality", "nuclei",
                   "--format", "png", "--out", tmp_path, "--threads", "1")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from espmed.benchmark.machine import cpu_info
 from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError
 from espmed.runtimes import Prediction, load
 from espmed.runtimes.manifest import manifest_path
@@ -118,7 +119,8 @@ def test_openvino_precision_is_explicit_and_cache_dir_is_used(artifacts, tmp_pat
     assert f32.precision == "f32"
     assert f32.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
     bf16 = load(artifacts["openvino"], precision="bf16", cache_dir=tmp_path / "cache")
-    assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    runs = "bf16" if cpu_info()["bf16"] else "f32"  # a CPU without native BF16 runs the request in f32
+    assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == runs == bf16.precision
     assert any((tmp_path / "cache").iterdir()), "compiled-model cache was not written"
     with pytest.raises(ArtifactError, match="precision"):
         load(artifacts["openvino"], precision="int4")
@@ -209,8 +211,7 @@ def test_bad_artifacts_are_refused_with_one_line(artifacts, tmp_path):
         load(xml)
     with pytest.raises(ModalityError, match="exported for modality 'brain'"):
         load(artifacts["onnx"], modality="nuclei")
-    with pytest.raises(ModalityError, match="several modalities"):
-        load(artifacts["checkpoint"])
+    assert load(artifacts["checkpoint"]).modality == "brain"  # the default: its first controller
     with pytest.raises(ArtifactError, match="input size of an exported artifact is fixed"):
         load(artifacts["onnx"], image_size=512)
     both = tmp_path / "both"

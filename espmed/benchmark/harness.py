@@ -139,8 +139,8 @@ def _sha256_text(text: str) -> str:
 def prepare_model(opts: BenchOptions, samples: list[Sample], *, out: Path, log: Callable[[str], None]) -> dict:
     """Load the checkpoint, or make (or reuse) the seeded random weights; returns the model facts.
 
-    The modality is the export's choice (`--modality`, or the model's only one); of several, the
-    one the data has most masks for.
+    The modality is `--modality`, or the model's only one; of several, the one the data has most
+    masks for (the export's default, the first in query order, when the data has none).
     """
     from espmed.export.graph import choose_modality
 

@@ -48,9 +48,11 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from ..errors import EspmedError, require
+
+        require("torch", "export")
         from ..benchmark.harness import BenchOptions, run_benchmark
         from ..benchmark.report import rich_table, write_all
-        from ..errors import EspmedError
         from ..model import default_checkpoint
 
         if random_weights and checkpoint is not None:

@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
         imgsz: int | None = typer.Option(None, "--imgsz", help="Input size to record (default 1024)."),
     ) -> None:
         """Convert the authors' release checkpoint(s) to espmed's native format."""
-        from ..errors import CheckpointError
+        from ..errors import CheckpointError, require
+
+        require("torch", "torch")
         from ..model import load_release_checkpoint, merge_release_checkpoints, save_checkpoint
 
         pairs = [r.split("=", 1) if "=" in r else (None, r) for r in release]

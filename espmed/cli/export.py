@@ -23,20 +23,24 @@ def register(app: typer.Typer) -> None:
         ),
         target: str = typer.Option(..., "--target", "-t", help=f"One of: {_TARGET_NAMES}."),
         modality: str | None = typer.Option(
-            None, "--modality", "-m", help="Modality to bake in (default: the model's only one).",
+            None, "--modality", "-m",
+            help="Modality to bake in (default: the model's first with a controller, in query order; "
+            "the shipped model: microscopy).",
         ),
         imgsz: int | None = typer.Option(
-            None, "--imgsz", help="Input size (multiple of 32; default: the checkpoint's).",
+            None, "--imgsz", min=32, help="Input size (multiple of 32; default: the checkpoint's).",
         ),
-        batch: int = typer.Option(1, "--batch", help="Fixed batch size."),
+        batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size."),
         dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic batch size (instead of --batch)."),
         simplify: str = typer.Option("onnxsim", "--simplify", help="Graph simplifier: onnxsim, onnxslim or none."),
-        opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17)."),
+        opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset."),
         calib: Path | None = typer.Option(
             None, "--calib",
             help="Folder of real images for INT8 calibration and the accuracy check (default: bundled samples).",
         ),
-        max_drop: float = typer.Option(0.02, "--max-drop", help="Largest allowed per-image Dice drop vs FP32."),
+        max_drop: float = typer.Option(
+            0.02, "--max-drop", min=0.0, max=0.99, help="Largest allowed per-image Dice drop vs FP32.",
+        ),
         out: Path | None = typer.Option(None, "--out", "-o", help="Artifact file, or a folder for the default name."),
         runtime_precision: str | None = typer.Option(
             None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record.",
@@ -70,7 +74,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model; or
         wrap one (--from) in Triton model repositories (--target triton)."""
-        from ..errors import EspmedError
+        from ..errors import EspmedError, require
+
+        require("torch", "export")
         from ..export import export
         from .progress import Stages
 
@@ -93,6 +99,11 @@ def register(app: typer.Typer) -> None:
             }.items()
             if v is not None
         }
+        from ..export.targets import check_options, get_target
+
+        check_options(get_target(target), options, spell=lambda name: "--" + name.replace("_", "-"))
+        if runtime_precision not in (None, "f32", "bf16"):
+            raise typer.BadParameter("f32 or bf16", param_hint="--runtime-precision")
         with Stages() as stages:
             result = export(
                 checkpoint or source, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,

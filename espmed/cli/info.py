@@ -13,8 +13,10 @@ def model_info(
 ) -> dict:
     """Parameters per part, GFLOPs, modalities, input size and preprocessing, as a dict: of
     `checkpoint`, else of `preset`'s architecture (random weights), else of the shipped model."""
+    from ..errors import EspmedError, require
+
+    require("torch", "torch")
     from ..atomic import file_sha256
-    from ..errors import EspmedError
     from ..model import ESPMedSAM, default_checkpoint, get_preset, load_checkpoint
     from ..model.summary import count_flops, parameter_table
 

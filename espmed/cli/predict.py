@@ -134,6 +134,15 @@ def segment_job(job: Job, seg, out: Path, *, fmt: str, want_overlay: bool, axis:
     )
 
 
+def describe_runtime(seg) -> str:
+    """The target, the backend where it is not the target's name, and an OpenVINO precision other
+    than f32: `openvino`, `onnx-int8 on onnxruntime`, `openvino, bf16`."""
+    target = seg.metadata.target
+    text = target if target == seg.backend else f"{target} on {seg.backend}"
+    precision = getattr(seg, "precision", "f32")
+    return text if precision == "f32" else f"{text}, {precision}"
+
+
 def print_summary(console, outcomes: list[Outcome], out: Path) -> None:
     from rich.table import Table
 
@@ -183,7 +192,8 @@ def register(app: typer.Typer) -> None:
             None, "--precision", help="OpenVINO inference precision: f32 (default) or bf16/f16."
         ),
         modality: str | None = typer.Option(
-            None, "--modality", help="Checkpoints with several controllers: which modality to run."
+            None, "--modality",
+            help="Checkpoints with several controllers: which modality to run (default: the first, in query order).",
         ),
         axis: int = typer.Option(2, "--axis", min=0, max=2, help="NIfTI volumes: the axis to slice along."),
         imgsz: int | None = typer.Option(
@@ -203,10 +213,8 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
                    modality=modality, image_size=imgsz)
-        console.print(
-            f"model: {seg.source.name} ({seg.backend}, {seg.metadata.target}, modality {seg.modality}, "
-            f"{seg.input_size} px)"
-        )
+        console.print(f"model: {seg.source.name} ({describe_runtime(seg)}, modality {seg.modality}, "
+                      f"{seg.input_size} px)", soft_wrap=True, highlight=False)
         jobs, outcomes, ignored = collect_jobs(list(inputs))
         if ignored:
             console.print(f"ignoring {len(ignored)} file(s) that are not images (e.g. {ignored[0]})", highlight=False)

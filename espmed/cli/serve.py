@@ -17,7 +17,11 @@ MODEL = typer.Option(None, "--model", "-m", help="Artifact (.onnx, .xml, .engine
 AE_TITLE = typer.Option("ESPMED", "--ae-title", help="This node's AE title (the called AE title senders use).")
 PORT = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen on (DICOM: 104 or 11112).")
 HOST = typer.Option("0.0.0.0", "--host", help="Address to listen on.")
-DESTINATION = typer.Option([], "--destination", "-d", help="Where results go by C-STORE, AET@HOST:PORT (repeatable).")
+DESTINATION = typer.Option(
+    [], "--destination", "-d",
+    help="Where results go by C-STORE, AET@HOST:PORT (repeatable). Without one, each SEG is kept in "
+    "<spool>/results/<SeriesInstanceUID>/.",
+)
 ALLOW = typer.Option([], "--allow", help="Calling AE titles allowed to connect (repeatable; default anyone).")
 SPOOL = typer.Option(
     Path("espmed-spool"), "--spool",

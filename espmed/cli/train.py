@@ -9,6 +9,13 @@ from pathlib import Path
 import typer
 
 
+def _require_train() -> None:
+    from ..errors import require
+
+    for module in ("torch", "monai", "scipy"):
+        require(module, "train")
+
+
 def _config(path: Path):
     from ..train import load_config
 
@@ -82,6 +89,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Segmentation training (MMDKD stage 3). Under `torchrun --nproc_per_node N` it runs DDP."""
+    _require_train()
     from ..data import train_items
     from ..train import ConfigError
     from ..train import train as run_training
@@ -149,6 +157,7 @@ def distill(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """MMDKD stages 1 (shared trunk) and 2 (one controller at a time, trunk frozen) from a LiteMedSAM or SAM teacher."""
+    _require_train()
     from ..train import ConfigError
     from ..train.distill import distill as run_distill
     from ..train.teacher import load_teacher
@@ -202,6 +211,7 @@ def eval_(
     nsd_tolerance: float = typer.Option(2.0, "--nsd-tolerance", help="NSD boundary tolerance in pixels."),
 ) -> None:
     """Dice, IoU, HD95 and NSD per image and per modality, split into seen / unseen domains."""
+    _require_train()
     from ..data.sources import folder_layout
     from ..errors import EspmedError
     from ..model import load_checkpoint

@@ -98,6 +98,12 @@ class ESPMedSAM(nn.Module):
     def available_modalities(self) -> tuple[str, ...]:
         return tuple(m for m, k in zip(self.config.modalities, self.config.controller_map, strict=True) if k >= 0)
 
+    @property
+    def default_modality(self) -> str:
+        """What runs when no modality is named: the first modality with a controller, in query order
+        (the model's only one, or e.g. `microscopy` for the shipped model)."""
+        return self.available_modalities[0]
+
     # -- forward -----------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_chans:
