@@ -4,19 +4,22 @@ Images come from `--calib DIR` or the sample images bundled with espmed. A folde
 `calibration/` and `held_out/` subfolders is split that way (what
 `benchmarks/quantization/make_calibration.py` writes: distinct real images per modality, held-out
 images never calibrated on). Any other folder is sorted by file name and split deterministically:
-odd positions are held out for the accuracy gate, the rest calibrate (one image serves both). The
+odd positions are held out for the accuracy gate, the rest calibrate (one image serves both); where
+the folder's `samples.json` names the images' modalities, an export gates on the held-out images of
+its own modality. The
 calibration set is identified by sha256 over the sorted sha256 digests of its files. Torch-free.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ExportError
+from espmed.errors import ExportError, ImageReadError, first_line
 from espmed.io import FRAME_SUFFIXES, read_frame
 from espmed.runtimes.preprocess import RESIZE_MODES, Letterbox, preprocess
 
@@ -92,11 +95,46 @@ def _load(files: list[Path], input_size: int, mean, std, resize: str) -> list[Ca
     return loaded
 
 
+def sample_index(folder: Path) -> list[dict] | None:
+    """The entries of `folder`'s `samples.json` (`{"file", "modality", "mask"}`, as the bundled
+    samples have), or None where it has none; the one reader of that index."""
+    index = folder / "samples.json"
+    if not index.is_file():
+        return None
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
+            raise ValueError("expected a list of {file, modality, mask} entries")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ImageReadError(f"{index}: malformed sample index ({first_line(exc)})") from None
+    return entries
+
+
+def of_modality(folder: Path, files: list[Path], modality: str | None) -> list[Path]:
+    """Those of `files` that `folder`'s sample index lists for `modality`; all of them where it
+    lists none (or the folder has no index): the accuracy gate judges a modality's export on the
+    images that show it, not on a brain MRI through the nuclei query."""
+    entries = sample_index(folder) if modality is not None else None
+    if not entries:
+        return files
+    names = {Path(e["file"]).name for e in entries if e.get("modality") == modality}
+    return [f for f in files if f.name in names] or files
+
+
 def load_calibration(
-    directory: str | Path | None, input_size: int, mean, std, resize: str = RESIZE_MODES[0]
+    directory: str | Path | None,
+    input_size: int,
+    mean,
+    std,
+    resize: str = RESIZE_MODES[0],
+    *,
+    modality: str | None = None,
 ) -> CalibrationSet:
-    """Preprocessed calibration and held-out images from `directory` (default: bundled samples)."""
+    """Preprocessed calibration and held-out images from `directory` (default: bundled samples);
+    with `modality`, the held-out images are those its sample index lists for it (`of_modality`)."""
     source = Path(directory) if directory is not None else default_calibration_dir()
-    calib, held = (_load(files, input_size, mean, std, resize) for files in split_files(source))
+    calib_files, held_files = split_files(source)
+    held_files = of_modality(source, held_files, modality)
+    calib, held = (_load(files, input_size, mean, std, resize) for files in (calib_files, held_files))
     label = "bundled samples" if directory is None else str(source)
     return CalibrationSet(label, calib, held, files_sha256(im.path for im in calib))

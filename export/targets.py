@@ -161,7 +161,7 @@ def export(
     )
     pre = graph.config.preprocessing
     with stages.stage(f"read {'calibration and ' if tgt.calibrated else ''}held-out images"):
-        images = load_calibration(calib, meta.input_size, pre.mean, pre.std, pre.resize)
+        images = load_calibration(calib, meta.input_size, pre.mean, pre.std, pre.resize, modality=chosen)
         gate = Gate.build(
             GraphSegmenter(graph, meta), {im.path.name: im.image for im in images.held_out},
             max_drop=max_drop, threshold=pre.mask_threshold, batch=meta.batch, on_attempt=stages.attempt,
@@ -277,7 +277,8 @@ class _Context:
         skipped = self.gate.without_foreground
         self.stages.note(
             f"  {what}: max |Δ logit| {result.max_abs_lowres:.2e} (patch {result.max_abs_patch:.2e}), "
-            f"Dice vs FP32 min {min(result.dice):.4f} on {len(result.dice)} held-out images"
+            f"Dice vs FP32 min {min(result.dice):.4f} on {len(result.dice)} held-out "
+            f"image{'s' if len(result.dice) != 1 else ''}"
             + (f" ({len(skipped)} without FP32 foreground not gated)" if skipped else "")
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from espmed.atomic import file_sha256
 from espmed.benchmark.machine import cpu_info
-from espmed.errors import BackendUnavailableError, ExportError
+from espmed.errors import BackendUnavailableError, ExportError, ImageReadError
 from espmed.export import TARGETS, export
 from espmed.export.accuracy import Gate
 from espmed.export.calibration import default_calibration_dir, load_calibration
@@ -127,6 +128,22 @@ def test_bad_requests_are_refused_with_one_line(tiny_ckpt, tmp_path, kwargs, mes
     assert not [p for p in tmp_path.iterdir() if p.is_file()]
 
 
+def test_the_gate_judges_an_export_on_the_held_out_images_of_its_modality(tmp_path):
+    def held_out(folder, modality):
+        return [im.path.name for im in load_calibration(folder, 64, (0,) * 3, (255,) * 3, modality=modality).held_out]
+
+    everything = held_out(None, None)
+    assert everything == ["brain_mni152_axial_z90.png", "fundus_microaneurysms.png", "mr_small.png",
+                          "nuclei_dsb2018_b.png"]  # odd positions of the sorted bundled samples
+    assert held_out(None, "microscopy") == ["nuclei_dsb2018_b.png"]  # what samples.json lists for it
+    assert held_out(None, "ct-lesion") == everything  # none of that modality: all of them
+    shutil.copytree(default_calibration_dir(), tmp_path / "samples")
+    (tmp_path / "samples" / "samples.json").write_text("{not json")
+    with pytest.raises(ImageReadError, match="samples.json: malformed sample index") as exc:
+        held_out(tmp_path / "samples", "microscopy")
+    assert "\n" not in str(exc.value)
+
+
 def test_several_modalities_export_the_default_and_say_so(tiny_ckpt, tmp_path):
     notes = []
     result = export(tiny_ckpt, "onnx", tmp_path, simplify="none",
@@ -173,7 +190,8 @@ def test_onnx_matches_torch_and_carries_metadata(tiny_ckpt, exports):
     assert m.accuracy["drop"] == [0.0] * len(m.accuracy["images"]) and m.accuracy["threshold"] == 0.0
     # gated: exactly the held-out images whose mask from the runtime's torch reference has foreground
     reference = load(tiny_ckpt, modality="fundus")
-    held_out = load_calibration(None, 256, (123.675,) * 3, (1.0,) * 3).held_out
+    held_out = load_calibration(None, 256, (123.675,) * 3, (1.0,) * 3, modality="fundus").held_out
+    assert [im.path.name for im in held_out] == ["fundus_microaneurysms.png"]  # the modality's held-out images
     foreground = [im.path.name for im in held_out if reference.predict(im.image).mask.any()]
     assert foreground and m.accuracy["images"] == foreground
     assert m.accuracy["without_foreground"] == [im.path.name for im in held_out if im.path.name not in foreground]

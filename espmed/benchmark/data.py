@@ -11,13 +11,12 @@ same list. Images are read with `espmed.io.read_frame` (as `espmed predict` sees
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 from espmed.errors import ImageReadError
-from espmed.export.calibration import split_folders
+from espmed.export.calibration import sample_index, split_folders
 from espmed.io import FRAME_SUFFIXES
 
 
@@ -45,10 +44,9 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
     split = split_folders(folder)
     if split is not None:
         folder = split[1]  # a calibration folder: measure on what INT8 is not calibrated on
-    index = folder / "samples.json"
-    if index.is_file():
+    entries = sample_index(folder)
+    if entries is not None:
         try:
-            entries = json.loads(index.read_text(encoding="utf-8"))
             samples = [
                 Sample(
                     name=Path(e["file"]).stem,
@@ -59,7 +57,7 @@ def list_samples(folder: str | Path | None = None) -> list[Sample]:
                 for e in entries
             ]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ImageReadError(f"{index}: malformed sample index ({exc})") from None
+            raise ImageReadError(f"{folder / 'samples.json'}: malformed sample index ({exc})") from None
     else:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
         samples = []
