@@ -1,7 +1,8 @@
 """Segmentation metrics for one binary 2-D prediction against its ground truth.
 
-Dice and IoU are the one definition in `espmed.runtimes.masks` (the gate, runtime and bench use it
-too); HD95 and NSD come from MONAI.
+Dice and IoU are defined here once (the export gate, the benchmark and evaluation use them too):
+two empty masks agree perfectly (1.0), exactly one empty mask scores 0.0. HD95 and NSD come from
+MONAI.
 
 Empty masks are decided here, before MONAI (whose distance metrics are undefined for them):
 - both empty: Dice 1, IoU 1, NSD 1, HD95 0 (a perfect answer to "there is nothing here");
@@ -21,9 +22,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from espmed.runtimes.masks import dice, iou
-
 METRIC_NAMES = ("dice", "iou", "hd95", "nsd")
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """2 |a & b| / (|a| + |b|) of two boolean masks; 1.0 when both are empty."""
+    a, b = _pair(a, b)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two boolean masks; 1.0 when both are empty."""
+    a, b = _pair(a, b)
+    union = int(np.logical_or(a, b).sum())
+    return 1.0 if union == 0 else int(np.logical_and(a, b).sum()) / union
 
 
 def segmentation_metrics(

@@ -17,7 +17,7 @@ import numpy as np
 
 from espmed.errors import ExportError
 from espmed.runtimes.base import Segmenter
-from espmed.runtimes.masks import dice
+from espmed.metrics import dice
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 
 from espmed.metrics import segmentation_metrics
-from espmed.runtimes.masks import dice, iou, mask_from_logits
+from espmed.metrics import dice, iou
+from espmed.runtimes.masks import mask_from_logits
 
 
 def _square(shape, r0, r1, c0, c1):

@@ -23,7 +23,7 @@ from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError
 from espmed.export import export
 from espmed.io import read_frame
 from espmed.runtimes import load
-from espmed.runtimes.masks import dice
+from espmed.metrics import dice
 from espmed.runtimes.triton_server import LocalTritonServer, missing
 
 from .runtime_artifacts import build_artifacts, fundus_crop

@@ -1,10 +1,11 @@
-"""Per-backend summaries of mask agreement, with the one Dice/IoU and mask rule of `runtimes.masks`."""
+"""Per-backend summaries of mask agreement, with the one Dice/IoU (`espmed.metrics`) and mask rule (`runtimes.masks`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from espmed.runtimes.masks import dice, iou, mask_from_logits
+from espmed.metrics import dice, iou
+from espmed.runtimes.masks import mask_from_logits
 
 
 def agreement(logits: dict[str, np.ndarray], reference: dict[str, np.ndarray], threshold: float = 0.0) -> dict:
