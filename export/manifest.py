@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -43,6 +44,20 @@ def library_versions(names: Iterable[str] = TRACKED_LIBRARIES) -> dict[str, str]
         with contextlib.suppress(importlib_metadata.PackageNotFoundError):
             versions[name] = importlib_metadata.version(name)
     return versions
+
+
+@dataclass
+class ExportResult:
+    """What an export published: its main file, the manifest and every file it lists."""
+
+    artifact: Path  # the main file (.onnx, .xml, .engine)
+    manifest: Path
+    metadata: ArtifactMetadata
+    files: list[Path] = field(default_factory=list)  # every file of the artifact
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
 
 
 def manifest_dict(meta: ArtifactMetadata, files: Iterable[Path]) -> dict:

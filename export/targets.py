@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 from .accuracy import Attempt, Gate
 from .calibration import CalibrationSet, load_calibration
-from .manifest import library_versions, publish, staging_dir
+from .manifest import ExportResult, library_versions, publish, staging_dir
 from .recipe import Recipe, find_recipe
 from .triton_export import export_repository
 
@@ -31,18 +31,6 @@ from .triton_export import export_repository
 #: precision, options); the exporter adds only its builders (`_BUILDERS`, by backend).
 Target = Format
 TARGETS: dict[str, Target] = {f.name: f for f in exportable()}
-
-
-@dataclass
-class ExportResult:
-    artifact: Path  # the main file (.onnx, .xml, .engine)
-    manifest: Path
-    metadata: ArtifactMetadata
-    files: list[Path] = field(default_factory=list)  # every file of the artifact
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
 
 
 def get_target(name: str) -> Target:
@@ -134,7 +122,8 @@ def export(
     if tgt.backend in _WRAPPERS:
         return _WRAPPERS[tgt.backend](
             checkpoint_or_model, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
-            simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=progress, **options,
+            simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=progress,
+            export_checkpoint=export, **options,
         )
     if batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
@@ -415,5 +404,6 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
 _BUILDERS = {"onnxruntime": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt}
 
 
-#: Targets that wrap an exported artifact (a checkpoint is exported to ONNX first), by backend.
+#: Targets that wrap an exported artifact (a checkpoint is exported to ONNX first), by backend. A
+#: wrapper is given `export` as `export_checkpoint`, so that its module need not import this one.
 _WRAPPERS = {"triton": export_repository}

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from espmed.atomic import file_sha256, write_bytes, write_text
@@ -41,7 +42,7 @@ from espmed.runtimes.triton_repository import (
     check_config,
 )
 
-from .manifest import manifest_dict, staging_dir
+from .manifest import ExportResult, manifest_dict, staging_dir
 
 #: espmed backend -> (repository folder, config field, its value, the model file Triton looks for).
 NATIVE = {
@@ -65,14 +66,15 @@ def export_repository(
     imgsz: int | None = None,
     batch: int = 1,
     progress=None,
+    export_checkpoint: Callable[..., ExportResult],
     **checkpoint_options,
-):
+) -> ExportResult:
     """Write the repositories for `source` (an artifact, or a checkpoint / model to export to ONNX first).
 
-    `checkpoint_options` (dynamic, simplify, opset, calib, max_drop) apply to a checkpoint only.
+    `export_checkpoint` is `espmed.export.targets.export` (which calls this function for the triton
+    target and passes itself, so neither module imports the other); `checkpoint_options` (dynamic,
+    simplify, opset, calib, max_drop) apply to a checkpoint only.
     """
-    from .targets import ExportResult, export
-
     if triton_max_batch < 1 or instances < 1:
         raise ExportError(f"--triton-max-batch and --instances must be >= 1, got {triton_max_batch} and {instances}")
     if batch != 1:
@@ -80,7 +82,7 @@ def export_repository(
     with staging_dir(Path(out or "triton").resolve()) as work:
         if _is_checkpoint(source):
             checkpoint_options["dynamic"] = True
-            onnx = export(
+            onnx = export_checkpoint(
                 source, "onnx", work / "onnx", modality=modality, imgsz=imgsz, progress=progress, **checkpoint_options
             )
             source, modality, imgsz = onnx.artifact, None, None
