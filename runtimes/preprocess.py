@@ -8,12 +8,12 @@ as SAM and the release do). Resize modes (`Preprocessing.resize`, one of `RESIZE
   (same rule) to a quarter of the model size: the plain resize to 4x the quarter's shape, plus the
   quarter-size shortfall sharpened and upsampled (`make_blocks_exact`). A model distilled from a
   teacher at a quarter of its size (LiteMedSAM, 256²), whose patch embed averages each 4 x 4 block
-  (`spread_taps`), then reads every image as the teacher did: initialised, its held-out cosine is
-  0.998-1.0 on every modality, against 0.82 (256² nuclei), 0.93 (256² MR) and 0.97 (800-px
-  ultrasound) with `longest-side`. A small image stays smooth (not replicated 4 x 4). The shipped
-  model keeps `longest-side`: decoders trained on the teacher-exact view segmented held-out nuclei
-  worse at 512² (benchmarks/real_model/results/resize-experiment.json). Costs 11-18 ms more per
-  1024² input than `longest-side` on the 2-core AMD EPYC (256² to 1760² images).
+  (`spread_taps`), then reads every image as the teacher did, so the initialised student embeds
+  held-out images much as the teacher does, where `longest-side`'s bilinear view does not (the
+  figures: `espmed/assets/models/MODEL_CARD.md`, benchmarks/real_model/results/). A small image
+  stays smooth (not replicated 4 x 4). The shipped model uses it (recorded in its checkpoint's
+  preprocessing, so every runtime applies it). It costs more per image than `longest-side`: the
+  quarter-size resize, its sharpening and upsampling come on top of the plain resize.
 
 Intensity scaling to RGB uint8 (documented contract):
 - uint8: used as is. bool: False/True -> 0/255.
