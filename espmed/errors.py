@@ -37,6 +37,22 @@ class BackendUnavailableError(EspmedError):
     """A backend's library or hardware is not present on this machine."""
 
 
+class ConfigError(EspmedError):
+    """A run config file is missing, unparsable or has invalid values."""
+
+
+class DatasetSpecError(EspmedError):
+    """A dataset table in a config is incomplete or inconsistent."""
+
+
+class TimeLimitError(EspmedError):
+    """`[train] max_minutes` was reached before the step count: the run is saved, not finished."""
+
+
+class SpoolFull(EspmedError):
+    """An instance would break a spool limit or the disk-free floor: refuse it, keep the rest."""
+
+
 def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     """The first non-blank line of an exception's message, or its type name when it has none.
 

@@ -12,8 +12,7 @@ from espmed.data import EpochSampler, SegmentationDataset, TrainItem, letterbox_
 from espmed.data.dataset import build_augmentation, item_seed
 from espmed.data.reference import mni152_slices, nuclei_samples
 from espmed.data.sources import Sample
-from espmed.data.specs import DatasetSpecError
-from espmed.errors import ImageReadError, ModalityError
+from espmed.errors import DatasetSpecError, ImageReadError, ModalityError
 from espmed.model import get_preset
 from espmed.runtimes.preprocess import preprocess
 

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from espmed.atomic import file_sha256
-from espmed.data import DatasetSpecError, load_samples, train_items
-from espmed.errors import CheckpointError, ImageReadError
+from espmed.data import load_samples, train_items
+from espmed.errors import CheckpointError, DatasetSpecError, ImageReadError
 from espmed.model import ESPMedSAM, default_checkpoint, get_preset, load_checkpoint, save_checkpoint
 from espmed.model.checkpoint import STORED_DTYPE_METADATA_KEY
 

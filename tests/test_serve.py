@@ -15,11 +15,12 @@ import time
 
 import pytest
 
+from espmed.errors import SpoolFull
 from espmed.io.dicom import derived_uid
 from espmed.serve.node import Destination
 from espmed.serve.scheduler import model_hash
 from espmed.serve.sender import Retry
-from espmed.serve.spool import Spool, SpoolFull, check_uid
+from espmed.serve.spool import Spool, check_uid
 
 from .serve_node import Node, Receiver, echo, send, series, wait_for
 

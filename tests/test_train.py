@@ -13,8 +13,9 @@ import torch
 
 from espmed.data import TrainItem
 from espmed.data.reference import mni152_slices, nuclei_samples
+from espmed.errors import ConfigError
 from espmed.model import load_checkpoint
-from espmed.train import ConfigError, build_model, evaluate, load_config, parse_config, train
+from espmed.train import build_model, evaluate, load_config, parse_config, train
 from espmed.train.engine import make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_resume_reaches_the_same_weights(tmp_path, items):
 
 
 def test_time_limit_fails_loudly_and_resume_finishes_the_same_model(tmp_path, items):
-    from espmed.train.engine import TimeLimitError
+    from espmed.errors import TimeLimitError
 
     ref = train(tiny_config(tmp_path / "a", max_steps=4), items, show_progress=False)
     capped = tiny_config(tmp_path / "b", max_steps=4, max_minutes=1e-9)  # hit after the first step

@@ -267,7 +267,8 @@ modality = "microscopy"
 
 def test_model_preprocessing_table_in_a_run_config():
     """A LiteMedSAM-initialised model takes x / 255; a config that trains it further says so."""
-    from espmed.train import ConfigError, build_model, parse_config
+    from espmed.errors import ConfigError
+    from espmed.train import build_model, parse_config
 
     raw = {"model": {"preset": "esp-medsam-tiny", "image_size": 64,
                      "preprocessing": {"mean": [0, 0, 0], "std": [255, 255, 255]}}}

@@ -24,7 +24,7 @@ def _config(path: Path):
 
 def _samples(cfg, split: str):
     from ..data import load_samples
-    from ..train import ConfigError
+    from ..errors import ConfigError
 
     specs = cfg.data.get(split, [])
     if not specs:
@@ -53,7 +53,8 @@ def _litemedsam_model(cfg, mobilesam: Path | None):
     after seeding with `[train] seed`, as the training engine builds its models."""
     import torch
 
-    from ..train import ConfigError, build_model
+    from ..errors import ConfigError
+    from ..train import build_model
     from ..train.litemedsam import init_from_litemedsam
 
     if mobilesam is not None:
@@ -91,7 +92,7 @@ def train(
     """Segmentation training (MMDKD stage 3). Under `torchrun --nproc_per_node N` it runs DDP."""
     _require_train()
     from ..data import train_items
-    from ..train import ConfigError
+    from ..errors import ConfigError
     from ..train import train as run_training
 
     cfg = _config(config)
@@ -158,7 +159,7 @@ def distill(
 ) -> None:
     """MMDKD stages 1 (shared trunk) and 2 (one controller at a time, trunk frozen) from a LiteMedSAM or SAM teacher."""
     _require_train()
-    from ..train import ConfigError
+    from ..errors import ConfigError
     from ..train.distill import distill as run_distill
     from ..train.teacher import load_teacher
 

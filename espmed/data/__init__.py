@@ -3,10 +3,9 @@ task's real data, MONAI augmentation and the training dataset (shared numpy prep
 
 from .dataset import EpochSampler, SegmentationDataset, TrainItem, letterbox_mask
 from .sources import Sample
-from .specs import DatasetSpecError, load_samples, train_items
+from .specs import load_samples, train_items
 
 __all__ = [
-    "DatasetSpecError",
     "EpochSampler",
     "Sample",
     "SegmentationDataset",

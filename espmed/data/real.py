@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import BackendUnavailableError, ImageReadError
 from ..io import read_image, read_mask, read_pixels
 from .sources import Sample, volume_layout
 
@@ -48,10 +48,12 @@ def stardist_file(name: str) -> Path:
     """A file of the installed stardist wheel's `data/images/`, found without importing stardist."""
     spec = importlib.util.find_spec("stardist")
     if spec is None or not spec.submodule_search_locations:
-        raise ImageReadError("the stardist data needs the stardist wheel: pip install --no-deps stardist==0.9.1")
+        raise BackendUnavailableError(
+            "the stardist data needs the stardist wheel: pip install --no-deps stardist==0.9.1"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "images" / name
     if not path.is_file():
-        raise ImageReadError(f"stardist is installed without {path}")
+        raise BackendUnavailableError(f"stardist is installed without {path}")
     return path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, require
 from ..io import read_mask, read_pixels
 from .sources import Sample, volume_slices
 
@@ -36,10 +36,7 @@ def _check_split(split: str) -> None:
 
 @lru_cache(maxsize=1)
 def _mni152() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from nilearn import datasets
-    except ImportError:
-        raise ImageReadError("the MNI152 reference data needs nilearn (pip install 'espmed[data]')") from None
+    datasets = require("nilearn.datasets", "data", hint=" for the MNI152 reference data")
     t1 = datasets.load_mni152_template(resolution=1).get_fdata(dtype=np.float32)
     brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32) > 0
     return t1, brain

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import EspmedError
+from ..errors import DatasetSpecError
 from . import real, reference, sources
 from .dataset import TrainItem
 from .sources import Sample
@@ -45,10 +45,6 @@ _KEYS = {
     "unlabelled": {"source"},
     "dicom-overlay": {"path", "group"},
 }
-
-
-class DatasetSpecError(EspmedError):
-    """A dataset table in a config is incomplete or inconsistent."""
 
 
 def load_samples(spec: Mapping[str, Any], base: Path = Path(".")) -> list[Sample]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, require
 from .common import check_finite, check_volume_size, read_error, squeeze_trailing
 
 NRRD_SUFFIXES = (".nrrd",)
@@ -24,10 +24,7 @@ _MAX_ITEMSIZE = 8
 
 def read_nrrd(path: Path, axis: int = 2) -> np.ndarray:
     """A 3-D volume as stored (F index order, like NIfTI's (x, y, z)); limits apply to slices along `axis`."""
-    try:
-        import nrrd
-    except ImportError:
-        raise ImageReadError(f"{path}: reading NRRD volumes needs pynrrd (pip install 'espmed[data]')") from None
+    nrrd = require("nrrd", "data", hint=f" to read {path}")
     try:
         with open(path, "rb") as fh:
             header = nrrd.read_header(fh)

@@ -13,10 +13,10 @@ import logging
 import ssl
 from pathlib import Path
 
-from ..errors import EspmedError, first_line
+from ..errors import EspmedError, SpoolFull, first_line
 from ..io.dicom import check_image_instance, dicom_frames, is_image_storage
 from .scheduler import SeriesClock
-from .spool import Spool, SpoolFull, check_uid
+from .spool import Spool, check_uid
 from .status import Status
 
 log = logging.getLogger("espmed.serve")

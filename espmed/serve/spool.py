@@ -23,14 +23,10 @@ import time
 from pathlib import Path
 
 from ..atomic import write_bytes, write_text
-from ..errors import EspmedError
+from ..errors import SpoolFull
 from ..io.dicom import save_dicom
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-class SpoolFull(EspmedError):
-    """An instance would break a spool limit or the disk-free floor: refuse it, keep the rest."""
 
 
 def check_uid(uid: str, what: str) -> str:

@@ -1,11 +1,10 @@
 """Training core: MMDKD distillation (stages 1-2), segmentation training (stage 3), evaluation."""
 
-from .config import ConfigError, RunConfig, load_config, parse_config
+from .config import RunConfig, load_config, parse_config
 from .engine import build_model, set_trainable, train
 from .evaluate import evaluate, mean_dice_by_modality, predict_logits
 
 __all__ = [
-    "ConfigError",
     "RunConfig",
     "build_model",
     "evaluate",

@@ -18,13 +18,9 @@ from typing import Any
 
 import tomllib
 
-from ..errors import EspmedError, first_line
+from ..errors import ConfigError, first_line
 
 PARTS = ("trunk", "controllers", "neck", "sppg", "decoder")
-
-
-class ConfigError(EspmedError):
-    """A run config file is missing, unparsable or has invalid values."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch import nn
 from ..atomic import atomic_path, write_text
 from ..data import EpochSampler, SegmentationDataset, TrainItem
 from ..data.sources import Sample
-from ..errors import CheckpointError, EspmedError, first_line
+from ..errors import CheckpointError, EspmedError, TimeLimitError, first_line
 from ..model import ESPMedSAM, get_preset, load_checkpoint, save_checkpoint
 from .config import PARTS, RunConfig, TrainSettings
 from .evaluate import mean_dice_by_modality
@@ -278,10 +278,6 @@ def train(
         torch.set_num_threads(previous)
         if owns_group and dist.is_initialized():  # leave a process group we created, as torchrun expects
             dist.destroy_process_group()
-
-
-class TimeLimitError(EspmedError):
-    """`[train] max_minutes` was reached before the step count: the run is saved, not finished."""
 
 
 @dataclass
