@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from espmed.errors import ExportError
-from espmed.runtimes.base import Segmenter
 from espmed.metrics import dice
+from espmed.runtimes.base import Segmenter
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from espmed.metrics import segmentation_metrics
-from espmed.metrics import dice, iou
+from espmed.metrics import dice, iou, segmentation_metrics
 from espmed.runtimes.masks import mask_from_logits
 
 

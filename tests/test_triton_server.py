@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError
 from espmed.export import export
 from espmed.io import read_frame
-from espmed.runtimes import load
 from espmed.metrics import dice
+from espmed.runtimes import load
 from espmed.runtimes.triton_server import LocalTritonServer, missing
 
 from .runtime_artifacts import build_artifacts, fundus_crop
@@ -199,9 +199,10 @@ def test_a_model_whose_config_does_not_match_its_metadata_is_refused(server):
 
 
 def test_bench_measures_the_triton_row_through_a_local_server(artifacts, tmp_path):
-    from espmed.benchmark import harness
+    from espmed.benchmark import exports, harness
+    from espmed.benchmark.options import BenchOptions
 
-    opts = harness.BenchOptions(
+    opts = BenchOptions(
         checkpoint=artifacts["checkpoint"], modality="brain", targets="triton", runs=3, warmup=1, out=tmp_path
     )
     rows = {r["name"]: r for r in harness.run_benchmark(opts, log=lambda text: None).rows}
@@ -209,7 +210,7 @@ def test_bench_measures_the_triton_row_through_a_local_server(artifacts, tmp_pat
     assert triton["status"] == "ok", triton.get("reason")
     assert triton["runtime"]["backend"] == "triton" and triton["runtime"]["target"] == "onnx"
     assert triton["vs_fp32"]["dice_min"] >= 0.999 and triton["latency_ms"]["p50"] > 0
-    assert harness._still_valid(Path(triton["artifact"]))  # the cached repositories are reused next time
+    assert exports._still_valid(Path(triton["artifact"]))  # the cached repositories are reused next time
 
 
 def test_predict_cli_through_triton(server, local, tmp_path):

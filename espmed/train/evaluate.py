@@ -16,9 +16,8 @@ import torch
 
 from ..atomic import write_bytes, write_text
 from ..data.sources import Sample
-from ..metrics import METRIC_NAMES, segmentation_metrics
+from ..metrics import METRIC_NAMES, dice, segmentation_metrics
 from ..model import ESPMedSAM
-from ..metrics import dice
 from ..runtimes.masks import mask_from_logits
 from ..runtimes.preprocess import preprocess, restore_logits
 
