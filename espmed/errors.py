@@ -37,6 +37,10 @@ class BackendUnavailableError(EspmedError):
     """A backend's library or hardware is not present on this machine."""
 
 
+class UsageError(EspmedError):
+    """Options that cannot go together, or that an input cannot honour (e.g. `--format nifti` for a PNG)."""
+
+
 class ConfigError(EspmedError):
     """A run config file is missing, unparsable or has invalid values."""
 

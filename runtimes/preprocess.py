@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from espmed.errors import ImageReadError
+from espmed.io.common import to_rgb_uint8
 
 
 @dataclass(frozen=True)
@@ -43,35 +43,6 @@ class Letterbox:
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
     input_size: int
-
-
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from a gray, gray+alpha, RGB or RGBA array of any numeric dtype."""
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 3 and a.shape[2] == 2:
-        a = a[:, :, 0]
-    if a.ndim == 3 and a.shape[2] == 4:
-        a = a[:, :, :3]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
-        raise ImageReadError(f"expected a 2-D gray or RGB(A) image, got array of shape {a.shape}")
-    if a.shape[0] < 2 or a.shape[1] < 2:
-        raise ImageReadError(f"image too small: {a.shape[0]} x {a.shape[1]} pixels")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-            raise ImageReadError(f"unsupported pixel type {a.dtype}")
-        f = a.astype(np.float64)
-        if not np.isfinite(f).all():
-            raise ImageReadError("image contains NaN or Inf values")
-        lo, hi = float(f.min()), float(f.max())
-        f = (f - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
-        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(a)
 
 
 def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:

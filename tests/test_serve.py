@@ -16,9 +16,9 @@ import time
 import pytest
 
 from espmed.errors import SpoolFull
-from espmed.io.dicom import derived_uid
+from espmed.io.dicom_seg import derived_uid
+from espmed.pipeline import model_hash
 from espmed.serve.node import Destination
-from espmed.serve.scheduler import model_hash
 from espmed.serve.sender import Retry
 from espmed.serve.spool import Spool, check_uid
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .common import MAX_FRAME_PIXELS, MAX_TOTAL_VALUES, MedicalImage, existing_file
-from .dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom, read_dicom_series, write_dicom_seg
+from .dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom, read_dicom_series
+from .dicom_seg import write_dicom_seg
 from .nifti import is_nifti_path, read_nifti, write_nifti_mask
 from .npy import read_npy
 from .pixels import PIXEL_SUFFIXES, read_mask, read_pixels, read_volume

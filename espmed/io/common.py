@@ -37,12 +37,16 @@ class MedicalImage:
 
     @property
     def name(self) -> str:
-        """File name without its image suffixes (`scan.nii.gz` -> `scan`)."""
-        name = self.path.name
-        for suffix in (".nii.gz", ".nii", ".dcm", ".dicom"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return self.path.stem if self.path.suffix else name
+        return image_name(self.path)
+
+
+def image_name(path: Path) -> str:
+    """File name without its image suffixes (`scan.nii.gz` -> `scan`): what outputs are named after."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.suffix else name
 
 
 def check_declared_size(path: Path, shape: tuple[int, ...], frame_hw: tuple[int, int]) -> None:
@@ -100,8 +104,36 @@ def check_finite(path: Path, array: np.ndarray) -> None:
 
 
 def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Linear map of [low, high] to 0..255, clipped (a flat range maps to 0)."""
+    """Linear map of [low, high] to 0..255, clipped (a flat range maps to 0). Computed on halved
+    values (exact in binary floating point) so that a range near the float64 limits, whose width
+    overflows, still scales."""
     v = values.astype(np.float64)
     if high <= low:
         return np.zeros(v.shape, np.uint8)
-    return np.clip(np.rint((v - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return np.clip(np.rint((v / 2 - low / 2) * (127.5 / (high / 2 - low / 2))), 0, 255).astype(np.uint8)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a gray, gray+alpha, RGB or RGBA array of any numeric dtype: uint8 as
+    is, bool 0/255, any other integer or float min-max scaled over the whole image (a constant image
+    becomes 0; NaN/Inf refused)."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (1, 2):
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
+        raise ImageReadError(f"expected a 2-D gray or RGB(A) image, got array of shape {a.shape}")
+    if a.shape[0] < 2 or a.shape[1] < 2:
+        raise ImageReadError(f"image too small: {a.shape[0]} x {a.shape[1]} pixels")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise ImageReadError(f"unsupported pixel type {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ImageReadError("image contains NaN or Inf values")
+        a = scale_to_uint8(a, float(a.min()), float(a.max()))
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a)

@@ -5,23 +5,21 @@ window (the file's first Window Center/Width; else its VOI LUT; else a modality 
 soft-tissue window L40/W400, anything else the 0.5-99.5 percentile range) -> 0..255 ->
 MONOCHROME1 inverted, so that bright always means high signal as a radiologist views it.
 Colour instances (RGB, YBR -> RGB, PALETTE COLOR) are used as RGB. Every frame of a multi-frame
-instance is a frame to segment. A series is the single-frame instances sharing a
-SeriesInstanceUID, ordered along the slice normal (else by InstanceNumber).
+instance is a frame to segment. A series (`group_series`: the files sharing a SeriesInstanceUID)
+is segmented volume by volume (`dicom_volumes`): its single-frame instances of one size, ordered
+along the slice normal (else by InstanceNumber) and decoded a chunk at a time (`DicomSeries`), and
+each multi-frame instance on its own. DICOM out is `espmed.io.dicom_seg`.
 """
 
 from __future__ import annotations
 
-import uuid
-import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..atomic import atomic_open
-from ..errors import ImageReadError, first_line
+from ..errors import ImageReadError
 from .common import MedicalImage, check_declared_size, check_finite, read_error, scale_to_uint8
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -123,15 +121,21 @@ def check_image_instance(ds, path: Path) -> None:
     ACR-NEMA style files) is judged by its pixel data alone.
     """
     has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    check_image_class(ds, path, has_pixels=has_pixels)
+    if "SOPClassUID" in ds and not has_pixels:
+        raise ImageReadError(f"{path}: {_class_name(str(ds.SOPClassUID))} has no pixel data")
+
+
+def check_image_class(ds, path: Path, *, has_pixels: bool = True) -> None:
+    """The SOP-class half of `check_image_instance`, which a header read without pixels can answer."""
     if "SOPClassUID" not in ds:
         return
     uid = str(ds.SOPClassUID)
-    name = _class_name(uid)
     if not is_image_storage(uid):
         what = "has no pixel data" if not has_pixels else "is not an image"
-        raise ImageReadError(f"{path}: {name} {what} (not an image storage SOP class; espmed segments images)")
-    if not has_pixels:
-        raise ImageReadError(f"{path}: {name} has no pixel data")
+        raise ImageReadError(
+            f"{path}: {_class_name(uid)} {what} (not an image storage SOP class; espmed segments images)"
+        )
 
 
 def dicom_frames(ds, path: Path) -> list[np.ndarray]:
@@ -245,28 +249,62 @@ def read_dicom(path: str | Path) -> MedicalImage:
         return MedicalImage(path, "dicom", frames, source=[ds], info=_describe(ds))
 
 
+class DicomSeries:
+    """Single-frame instances of one series and one size, sorted along the slice normal, decoded
+    a few at a time (`frames(start, stop)`), so that memory follows the chunk, not the series.
+
+    Headers are read (and checked: one series, image SOP classes, one Rows x Columns) up front;
+    `source` holds them without pixel data, which is all a SEG needs to reference its sources.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], label: str | Path | None = None) -> None:
+        self.label = Path(label) if label is not None else Path(paths[0]).parent
+        headers = [(Path(p), read_dataset(p, header_only=True)) for p in paths]
+        with header_checked(self.label):
+            uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
+            if len(uids) != 1:
+                raise ImageReadError(f"{self.label}: files belong to {len(uids)} different series")
+            for p, ds in headers:
+                with header_checked(p):
+                    check_image_class(ds, p)
+                    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+                        raise ImageReadError(f"{p}: multi-frame instance inside a series of single-frame instances")
+            sizes = {frame_size(ds) for _, ds in headers}
+            if len(sizes) != 1:
+                raise ImageReadError(f"{self.label}: instances of the series differ in size {sorted(sizes)}")
+            headers.sort(key=lambda item: slice_order_key(item[1]))
+        self.paths = [p for p, _ in headers]
+        self.source = [ds for _, ds in headers]
+        self.info = _describe(self.source[0]) | {"instances": len(headers)}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def frames(self, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
+        """The display frames of instances [start, stop), as `read_dicom` makes them."""
+        out = []
+        for path, header in zip(self.paths[start:stop], self.source[start:stop], strict=True):
+            ds = read_dataset(path)
+            with header_checked(path):
+                check_image_instance(ds, path)
+                if frame_size(ds) != frame_size(header):
+                    raise ImageReadError(f"{path}: changed while being read")
+                out.extend(dicom_frames(ds, path))
+        return out
+
+    def read(self) -> MedicalImage:
+        """The whole series in memory, as one image."""
+        return MedicalImage(self.label, "dicom", self.frames(), source=self.source, info=self.info)
+
+
 def read_dicom_series(paths: Sequence[str | Path], label: str | Path | None = None) -> MedicalImage:
-    """Single-frame instances of one series, sorted along the slice normal."""
-    datasets = [(Path(p), read_dataset(p)) for p in paths]
-    with header_checked(Path(label or paths[0])):
-        uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
-        if len(uids) != 1:
-            raise ImageReadError(f"{label or paths[0]}: files belong to {len(uids)} different series")
-        datasets.sort(key=lambda item: slice_order_key(item[1]))
-        frames = []
-        for p, ds in datasets:
-            with header_checked(p):
-                check_image_instance(ds, p)
-                got = dicom_frames(ds, p)
-            if len(got) != 1:
-                raise ImageReadError(f"{p}: multi-frame instance inside a series of single-frame instances")
-            frames.extend(got)
-        shapes = {f.shape for f in frames}
-        if len(shapes) != 1:
-            raise ImageReadError(f"{label or paths[0]}: instances of the series differ in size {sorted(shapes)}")
-        path = Path(label) if label is not None else Path(paths[0]).parent
-        info = _describe(datasets[0][1]) | {"instances": len(datasets)}
-        return MedicalImage(path, "dicom", frames, source=[ds for _, ds in datasets], info=info)
+    """Single-frame instances of one series and one size, sorted along the slice normal, in memory."""
+    return DicomSeries(paths, label).read()
+
+
+def frame_size(ds) -> tuple[int, int]:
+    """(Rows, Columns) as the header declares them ((0, 0) when absent)."""
+    return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
 
 
 def slice_order_key(ds) -> tuple[float, int]:
@@ -284,22 +322,36 @@ def slice_order_key(ds) -> tuple[float, int]:
     return float(np.dot(normal, np.asarray(position, float))), number
 
 
-def group_series(paths: Iterable[Path]) -> tuple[dict[str, list[Path]], list[Path]]:
-    """({SeriesInstanceUID: single-frame instance paths}, other DICOM files to read one by one)."""
+def group_series(paths: Iterable[Path]) -> dict[str, list[Path]]:
+    """{SeriesInstanceUID: its files}, in the order of their first file; a file whose header cannot
+    be read, or that names no series, is a series of its own keyed by its path (reading it reports
+    the problem)."""
     series: dict[str, list[Path]] = {}
-    singles: list[Path] = []
     for p in paths:
         try:
-            ds = read_dataset(p, header_only=True)
+            uid = str(read_dataset(p, header_only=True).get("SeriesInstanceUID", "") or "")
         except ImageReadError:
-            singles.append(p)  # reported when read on its own
-            continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if uid and int(ds.get("NumberOfFrames", 1) or 1) == 1 and "Rows" in ds:
-            series.setdefault(uid, []).append(p)
-        else:
-            singles.append(p)
-    return series, singles
+            uid = ""
+        series.setdefault(uid or f"file:{p}", []).append(p)
+    return series
+
+
+def dicom_volumes(paths: Iterable[Path]) -> list[list[Path]]:
+    """The one rule that splits a series' files into volumes to segment: single-frame instances of
+    one Rows x Columns are one volume (`DicomSeries` sorts it); every multi-frame instance, and every
+    file whose header cannot be read, is a volume of its own. In the order of their first file."""
+    groups: dict[tuple, list[Path]] = {}
+    for path in paths:
+        try:
+            ds = read_dataset(path, header_only=True)
+            with header_checked(path):
+                frames = int(ds.get("NumberOfFrames", 1) or 1)
+                size = frame_size(ds)
+        except ImageReadError:
+            frames, size = 0, (0, 0)
+        key = ("single", *size) if frames == 1 and size != (0, 0) else ("alone", path)
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
 
 
 def _describe(ds) -> dict:
@@ -308,119 +360,3 @@ def _describe(ds) -> dict:
         "photometric": str(ds.get("PhotometricInterpretation", "")),
         "series_uid": str(ds.get("SeriesInstanceUID", "")),
     }
-
-
-def derived_uid(*parts: str) -> str:
-    """A UID that is a function of `parts`, so that the same inputs always name the same derived
-    instance and a resend is not a new one: 2.25.<a name-based (SHA-1) UUID of the parts>
-    (PS3.5 B.2). pydicom's generate_uid ignores its entropy sources under the 2.25 root."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(str(p) for p in parts)).int}"
-
-
-#: The UUID namespace of espmed's derived UIDs (itself a name-based UUID of the project name).
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "espmed:derived-uid")
-
-
-#: What highdicom raises for a source it cannot derive a SEG from.
-SEG_UNSUPPORTED = (ValueError, TypeError, AttributeError, KeyError)
-
-
-def _segmentation(sources, masks, *, label, modality_name, series_uid, sop_uid, instance_number):
-    """highdicom's Segmentation; fresh random UIDs where none are given."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    pixel_array = np.stack([np.asarray(m, dtype=bool) for m in masks]).astype(np.uint8)
-    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) == 1:
-        pixel_array = pixel_array[0]
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ESP-MedSAM (espmed)",
-        version=__version__,
-        family=codes.cid7162.ArtificialIntelligence,
-        parameters={"modality": modality_name} if modality_name else None,
-    )
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=label,
-        segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Tissue,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
-    first = sources[0]
-    with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
-        warnings.simplefilter("ignore", UserWarning)
-        return hd.seg.Segmentation(
-            source_images=list(sources),
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
-            series_instance_uid=series_uid or hd.UID(),
-            series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
-            sop_instance_uid=sop_uid or hd.UID(),
-            instance_number=instance_number,
-            manufacturer="espmed",
-            manufacturer_model_name="ESP-MedSAM",
-            software_versions=__version__,
-            device_serial_number="espmed",
-            omit_empty_frames=False,
-        )
-
-
-def write_dicom_seg(
-    path: str | Path,
-    sources: Sequence,
-    masks: Sequence[np.ndarray],
-    label: str = "ESP-MedSAM mask",
-    modality_name: str = "",
-) -> Path:
-    """A binary DICOM SEG of `masks` (one per source frame, in order) referencing the sources;
-    ImageReadError when the source cannot have one (`dicom_results` falls back instead)."""
-    try:
-        seg = _segmentation(
-            sources, masks, label=label, modality_name=modality_name, series_uid=None, sop_uid=None, instance_number=1
-        )
-    except SEG_UNSUPPORTED as exc:
-        source = getattr(sources[0], "filename", None) or path
-        why = first_line(exc, with_type=True)
-        raise ImageReadError(f"{source}: cannot build a DICOM SEG for this source ({why})") from None
-    return save_dicom(path, seg)
-
-
-def save_dicom(path: str | Path, seg) -> Path:
-    """Write a derived dataset (SEG or Secondary Capture, with preamble and file meta) atomically."""
-    path = Path(path)
-    with atomic_open(path, "wb") as fh:
-        seg.save_as(fh)
-    return path
-
-
-def dicom_results(
-    sources: Sequence,
-    frames: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    *,
-    modality_name: str = "",
-    series_uid: str | None = None,
-    sop_uid: str | None = None,
-    instance_number: int = 1,
-) -> tuple[list, str | None]:
-    """(datasets, note): the SEG of `masks`, or where the source cannot have one (e.g. a
-    multi-frame image without Frame of Reference) one Secondary Capture overlay per frame, with a
-    one-line note saying so. frames: the display frames the masks were computed on."""
-    from .writers import overlay_secondary_captures
-
-    try:
-        seg = _segmentation(
-            sources, masks, label="ESP-MedSAM mask", modality_name=modality_name, series_uid=series_uid,
-            sop_uid=sop_uid, instance_number=instance_number,
-        )
-        return [seg], None
-    except SEG_UNSUPPORTED as exc:
-        why = f"no DICOM SEG for this source ({first_line(exc, with_type=True)})"
-    captures = overlay_secondary_captures(
-        sources, frames, masks,
-        series_uid=derived_uid(series_uid, "sc") if series_uid else None,
-        sop_uid=sop_uid,
-    )
-    return captures, f"{why}; wrote {len(captures)} Secondary Capture overlay(s) instead"

@@ -8,15 +8,12 @@ and a restart redoes it with the same output UIDs.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from pathlib import Path
 
-from ..atomic import file_sha256
 from ..errors import first_line
-from .segment import segment_series
+from ..pipeline import model_hash, segment_series
 from .spool import Spool
 from .status import Status
 
@@ -49,17 +46,6 @@ class SeriesClock:
     def __len__(self) -> int:
         with self._lock:
             return len(self._last)
-
-
-def model_hash(artifact: str | Path, metadata=None) -> str:
-    """What output UIDs derive from besides the sources: the artifact's manifest when it has one
-    (it hashes every member file), else the artifact file itself; a remote model (Triton) has no
-    local file, so the metadata it is served with (`ArtifactMetadata`) stands for it."""
-    artifact = Path(artifact)
-    manifest = artifact.with_name(artifact.name + ".manifest.json")
-    if manifest.is_file() or artifact.is_file() or metadata is None:
-        return file_sha256(manifest if manifest.is_file() else artifact)
-    return hashlib.sha256(metadata.to_json().encode()).hexdigest()
 
 
 class Worker(threading.Thread):
@@ -118,7 +104,7 @@ class Worker(threading.Thread):
         self.status.segmenting = series_uid
         self.status.write(self.spool.counts())
         t0 = time.perf_counter()
-        result = segment_series(self.segmenter, model_hash=self.hash, series_uid=series_uid, paths=paths)
+        result = segment_series(self.segmenter, paths, model_hash=self.hash, series_uid=series_uid)
         for ds in result.outputs:
             for d in self.destinations:
                 self.spool.queue(d.key, str(ds.SOPInstanceUID), ds)

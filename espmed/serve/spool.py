@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..atomic import write_bytes, write_text
 from ..errors import SpoolFull
-from ..io.dicom import save_dicom
+from ..io.dicom_seg import save_dicom
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
