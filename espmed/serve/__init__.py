@@ -2,16 +2,16 @@
 
 A modality or PACS pushes a series by C-STORE; every instance is checked like a `predict` input
 and written atomically to the spool before success is returned. A series is complete when no new
-instance has come for `series_timeout` seconds; it is then segmented as one batched volume and its
-DICOM SEG (or Secondary Capture overlays where a SEG cannot describe the source) is queued for every
-destination and sent by C-STORE, with retries and backoff, into a dead-letter folder after the last
+instance has come for `series_timeout` seconds; it is then segmented by `espmed.pipeline` (as
+`predict` segments a series: volume by volume, a chunk of slices at a time) and its DICOM SEG (or
+Secondary Capture overlays where a SEG cannot describe the source) is queued for every destination
+and sent by C-STORE, with retries and backoff, into a dead-letter folder after the last
 try, never dropped. Output UIDs are derived from the source instances and the model, so a resend is
 the same instance; a late instance reopens its series and a superseding SEG (same SEG series, higher
 InstanceNumber) follows. Whatever is in the spool when the node starts is resumed.
 
     spool.py      on-disk state: instances, done records, outbox, dead letters, limits
-    scheduler.py  series completion by timeout, the segmentation worker
-    segment.py    one series -> derived datasets
+    scheduler.py  series completion by timeout, the segmentation worker (`pipeline.segment_series`)
     sender.py     per-destination C-STORE with retry, backoff and dead letters
     server.py     the association acceptor: allowlist, TLS, C-ECHO / C-STORE handlers
     status.py     counters, last errors, the status file
