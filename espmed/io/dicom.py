@@ -96,10 +96,10 @@ def _class_name(uid: str) -> str:
 def is_image_storage(sop_class_uid: str) -> bool:
     """The image storage SOP classes (PS3.4 B.5 entries named '... Image Storage', Enhanced US
     Volume), less the non-medical DICOS and eddy-current ones."""
-    from pydicom.uid import UID_dictionary
+    from pydicom.uid import EnhancedUSVolumeStorage, UID_dictionary
 
     uid = str(sop_class_uid)
-    if uid in _EXTRA_IMAGE_CLASSES:
+    if uid == EnhancedUSVolumeStorage:  # an image class whose name does not say so
         return True
     return (
         uid.startswith(_STORAGE_ROOT)
@@ -110,7 +110,6 @@ def is_image_storage(sop_class_uid: str) -> bool:
 
 _STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 _NON_MEDICAL = ("1.2.840.10008.5.1.4.1.1.501.", "1.2.840.10008.5.1.4.1.1.601.")  # DICOS security, eddy current
-_EXTRA_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.6.2"})  # Enhanced US Volume Storage
 
 
 def check_image_instance(ds, path: Path) -> None:
