@@ -90,10 +90,11 @@ def send(datasets, port: int, *, calling: str = "SCANNER", called: str = "ESPMED
 
 def echo(port: int, *, calling: str = "SCANNER", tls=None) -> bool:
     from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.network_timeout = 5
-    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, port, ae_title="ESPMED", tls_args=tls)
     if not assoc.is_established:
         return False
@@ -158,11 +159,17 @@ class Receiver:
         self._server = None
 
     def start(self) -> Receiver:
+        from pydicom.uid import (
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            SecondaryCaptureImageStorage,
+            SegmentationStorage,
+        )
         from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.ae_title)
-        for uid in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"):
-            ae.add_supported_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        for uid in (SegmentationStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self._server = ae.start_server((HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
         return self
 

@@ -19,6 +19,7 @@ from espmed.io.dicom import check_image_instance, is_dicom_file, is_image_storag
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage  # noqa: E402
 
 #: The colour bars of pydicom's SC_rgb family, sampled at column 50 of rows 5, 15, ..., 95.
 COLOUR_BARS = [(255, 0, 0), (255, 128, 128), (0, 255, 0), (128, 255, 128), (0, 0, 255), (128, 128, 255),
@@ -164,12 +165,12 @@ def test_predict_on_pydicom_files_segments_images_and_refuses_the_rest(onnx_mode
     source = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm"))
     assert len(captures) == int(source.NumberOfFrames) == 30
     first = pydicom.dcmread(captures[0])
-    assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and first.pixel_array.shape == (240, 320, 3)
+    assert first.SOPClassUID == SecondaryCaptureImageStorage and first.pixel_array.shape == (240, 320, 3)
     assert first.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     for name in ("JPEG-lossy", "SC_rgb_jpeg_gdcm", "MR_small_jp2klossless", "CT0001"):
         seg = pydicom.dcmread(out / f"{name}_seg.dcm")  # highdicom's reader wants a slice thickness SCs lack
         source = pydicom.dcmread(inputs / (name if name == "CT0001" else f"{name}.dcm"), force=True)
-        assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        assert seg.SOPClassUID == SegmentationStorage
         refs = [r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence]
         assert refs == [source.SOPInstanceUID]
     assert hd.seg.segread(out / "CT0001_seg.dcm").SeriesInstanceUID != source.SeriesInstanceUID

@@ -33,6 +33,7 @@ from espmed.io.writers import OVERLAY_COLOR, mask_contour
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage, SegmentationStorage  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "espmed" / "assets" / "samples"
 
@@ -167,7 +168,7 @@ def test_dicom_window_from_file_and_monochrome1_inversion(tmp_path):
 def test_dicom_multiframe_and_colour(tmp_path):
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     pixels = mr.pixel_array
-    mr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
+    mr.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
     mr.NumberOfFrames = 3
     mr.PixelData = np.concatenate([pixels, pixels[::-1], pixels.T]).tobytes()
     mr.save_as(tmp_path / "multi.dcm")
@@ -258,7 +259,7 @@ def test_dicom_seg_reads_back_and_references_the_sources(tmp_path):
     with pytest.deprecated_call(match="write_dicom_seg is deprecated"):  # public API kept for users
         out = write_dicom_seg(tmp_path / "ct_seg.dcm", [source], [mask], modality_name="ct")
     seg = hd.seg.segread(out)
-    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.SOPClassUID == SegmentationStorage
     referenced = [
         ref.ReferencedSOPInstanceUID
         for item in seg.ReferencedSeriesSequence

@@ -47,6 +47,7 @@ def test_storescu_to_espmed_serve_to_storescp(model, tmp_path):
     import highdicom as hd
     import pydicom
     from pydicom.data import get_testdata_file
+    from pydicom.uid import SegmentationStorage
 
     received = tmp_path / "received"
     received.mkdir()
@@ -77,7 +78,7 @@ def test_storescu_to_espmed_serve_to_storescp(model, tmp_path):
         by_source = {}
         for path in files:
             seg = hd.seg.segread(path)
-            assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+            assert seg.SOPClassUID == SegmentationStorage
             refs = {r.ReferencedSOPInstanceUID
                     for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
             by_source[frozenset(refs)] = seg

@@ -84,6 +84,7 @@ class ServeConfig:
 def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM / SIGINT (or `stop`); everything acknowledged is in the spool first."""
     from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
 
     from ..runtimes import load
     from .scheduler import SeriesClock, Worker
@@ -121,7 +122,7 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     ae.require_calling_aet = allow
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
     syntaxes = accepted_syntaxes()
-    ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
+    ae.add_supported_context(Verification)  # C-ECHO
     for uid in storage_classes():
         ae.add_supported_context(uid, syntaxes)
     handler = StoreHandler(spool=spool, clock=clock, status=status, instance_bytes=limits.instance_bytes)

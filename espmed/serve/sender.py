@@ -13,6 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
 from ..errors import first_line
 from .spool import Spool
 from .status import Status
@@ -22,7 +29,7 @@ log = logging.getLogger("espmed.serve")
 #: C-STORE response statuses meaning "stored": Success and the Warning statuses (PS3.4 B.2.3).
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 #: The SOP classes a node sends: what `espmed.io.dicom.dicom_results` makes.
-SENT_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7")  # SEG, Secondary Capture
+SENT_CLASSES = (SegmentationStorage, SecondaryCaptureImageStorage)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class Sender(threading.Thread):
         ae = AE(ae_title=self.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for uid in SENT_CLASSES:
-            ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "no association (destination down?)"

@@ -13,6 +13,25 @@ import logging
 import ssl
 from pathlib import Path
 
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
 from ..errors import EspmedError, SpoolFull, first_line
 from ..io.dicom import check_image_instance, dicom_frames, is_image_storage
 from .scheduler import SeriesClock
@@ -26,12 +45,12 @@ OUT_OF_RESOURCES = 0xA700
 NOT_AN_IMAGE = 0xA900  # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000
 #: Uncompressed transfer syntaxes: always accepted.
-NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 #: Compressed transfer syntaxes, accepted when a pixel decoder for them is installed.
 COMPRESSED_SYNTAXES = (
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5",
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 )
 
 
