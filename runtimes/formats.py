@@ -63,6 +63,9 @@ class Format:
 
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
+#: OpenVINO's CPU inference precisions an export may record (its `runtime_precision` option); the
+#: first is the default.
+RUNTIME_PRECISIONS = ("f32", "bf16")
 _OV_OPTIONS = ("runtime_precision",)
 _TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
 #: INT8 targets: a float-layer recipe (`espmed.export.recipe`); OpenVINO's NNCF adds its own knobs.
@@ -84,7 +87,7 @@ def _onnx(name: str, precision: str, label: str) -> Format:
 def _openvino(name: str, precision: str, label: str) -> Format:
     return Format(
         name=name, label=label, backend="openvino", module="openvino", precision=precision, suffixes=(".xml",),
-        options=_OV_OPTIONS + _int8(precision, *_NNCF_OPTIONS), runtime_precision="f32",
+        options=_OV_OPTIONS + _int8(precision, *_NNCF_OPTIONS), runtime_precision=RUNTIME_PRECISIONS[0],
     )
 
 
@@ -144,6 +147,12 @@ def reference() -> Format:
 def exportable() -> list[Format]:
     """The rows `espmed export --target` accepts, in table order."""
     return [f for f in FORMATS if f.exportable]
+
+
+def export_options() -> list[str]:
+    """Every export option some target accepts, in table order (`espmed export` spells `max_batch`
+    as `--max-batch`)."""
+    return list(dict.fromkeys(o for f in exportable() for o in f.options))
 
 
 def artifact_suffixes() -> list[str]:

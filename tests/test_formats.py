@@ -72,6 +72,18 @@ def test_cli_help_and_bench_rows_come_from_the_table():
     assert record["label"] == "OpenVINO FP32 IR, BF16 runtime precision" and record["export_target"] == "openvino"
 
 
+def test_every_export_option_of_the_table_is_an_export_flag():
+    import typer
+
+    from espmed.cli import app
+    from espmed.runtimes.formats import RUNTIME_PRECISIONS, export_options
+
+    command = typer.main.get_command(app).commands["export"]
+    flags = {opt for param in command.params for opt in param.opts}
+    assert {"--" + name.replace("_", "-") for name in export_options()} <= flags
+    assert {f.runtime_precision for f in FORMATS if f.runtime_precision} == set(RUNTIME_PRECISIONS)
+
+
 def test_the_triton_row_resolves_export_folders_and_urls(tmp_path):
     """The folder row (an export of Triton repositories, by its manifest) served as triton:// URLs."""
     triton = format_named("triton")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..runtimes.formats import exportable
+from ..runtimes.formats import RUNTIME_PRECISIONS, export_options, exportable
 
 _TARGET_NAMES = ", ".join(f.name for f in exportable())
 
@@ -14,6 +14,7 @@ _TARGET_NAMES = ", ".join(f.name for f in exportable())
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
+        ctx: typer.Context,
         checkpoint: Path | None = typer.Option(
             None, "--checkpoint", "-c",
             help="Release .pth or native .safetensors checkpoint (default: the shipped model).",
@@ -43,7 +44,9 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path | None = typer.Option(None, "--out", "-o", help="Artifact file, or a folder for the default name."),
         runtime_precision: str | None = typer.Option(
-            None, "--runtime-precision", help="OpenVINO only: f32 (default) or bf16 CPU inference precision to record.",
+            None, "--runtime-precision",
+            help=f"OpenVINO only: {RUNTIME_PRECISIONS[0]} (default) or {' or '.join(RUNTIME_PRECISIONS[1:])} "
+            "CPU inference precision to record.",
         ),
         recipe: str | None = typer.Option(
             None, "--recipe",
@@ -89,21 +92,13 @@ def register(app: typer.Typer) -> None:
         if source is not None and target != "triton":
             raise EspmedError("--from wraps an exported artifact for --target triton; other targets take --checkpoint")
 
-        options = {
-            k: v
-            for k, v in {
-                "runtime_precision": runtime_precision, "recipe": recipe, "smooth_quant_alpha": smooth_quant_alpha,
-                "accuracy_control": accuracy_control, "workspace_mb": workspace_mb,
-                "timing_cache": timing_cache, "max_batch": max_batch,
-                "triton_max_batch": triton_max_batch, "instances": instances,
-            }.items()
-            if v is not None
-        }
+        # The table's export options, each a flag of this command named after it.
+        options = {name: ctx.params[name] for name in export_options() if ctx.params[name] is not None}
         from ..export.targets import check_options, get_target
 
         check_options(get_target(target), options, spell=lambda name: "--" + name.replace("_", "-"))
-        if runtime_precision not in (None, "f32", "bf16"):
-            raise typer.BadParameter("f32 or bf16", param_hint="--runtime-precision")
+        if runtime_precision not in (None, *RUNTIME_PRECISIONS):
+            raise typer.BadParameter(" or ".join(RUNTIME_PRECISIONS), param_hint="--runtime-precision")
         with Stages() as stages:
             result = export(
                 checkpoint or source, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
