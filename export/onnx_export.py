@@ -116,8 +116,8 @@ def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
     """Simplify without letting constant folding bloat the file.
 
     With a static batch, each window-attention bias (a small table gathered and expanded over
-    all windows) is constant, and a full fold stores it expanded: 4x the weights at 1024^2. So
-    a fold that grows the model by more than `MAX_FOLD_GROWTH` is redone without folding
+    all windows) is constant, and a full fold stores it expanded: at 1024^2, several times the
+    weights. So a fold that grows the model by more than `MAX_FOLD_GROWTH` is redone without folding
     weights (onnxsim) or without folding tensors above `FOLDED_TENSOR_LIMIT` bytes (onnxslim).
     """
     before = model.ByteSize()

@@ -25,7 +25,7 @@ from .recipe import Recipe
 #: OpenVINO op types that NNCF quantizes (weights and inputs) in this graph.
 QUANTIZABLE_OV_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
 #: Always float: the converter fuses each attention (Softmax included) into one op, and
-#: quantizing its inputs cost up to 2.5 points of Dice that no other fallback recovered.
+#: quantizing its inputs cost Dice that no other fallback recovered.
 FLOAT_OV_TYPES = ("ScaledDotProductAttention",)
 
 
@@ -50,7 +50,7 @@ def with_fp16_weights(model, scratch: Path):
     """`model` with its float weights stored in FP16 (a Constant f16 -> Convert pair each), read back
     into memory (not mapped) from an IR saved at `scratch`, which is then removed. Why:
     `save_model` leaves every weight of a model that already holds FakeQuantize ops in FP32, so an
-    INT8 IR's float layers (the recipe's, about 40 % of its file) stay FP32 unless the FP32 model is
+    INT8 IR's float layers (the recipe's, a large part of its file) stay FP32 unless the FP32 model is
     compressed before NNCF quantizes it; NNCF then stores the quantized weights int8 and keeps the
     rest FP16. The CPU plugin decompresses FP16 weights at compile time."""
     import openvino as ov

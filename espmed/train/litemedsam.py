@@ -172,12 +172,11 @@ def spread_taps(weight: torch.Tensor, taps: str) -> torch.Tensor:
     inputs 4j..4j+3, centred at 4j + 1.5 (a 4x bilinear upsample then that mean is the 3-tap
     blur [1, 6, 1] / 8 of the teacher's pixels). `binomial`: [1, 2, 1] / 4 per axis, a width-4
     triangle centred at 4j, 1.5 pixels off; `centre`: the centre tap only, every fourth pixel, also
-    at 4j, aliased. Measured (benchmarks/results/litemedsam_init.md, real_model/results): box is
-    closer to the teacher on most images (held-out fundus 0.979 -> 0.996, CT 0.975 -> 0.995, 256²
-    nuclei 0.69 -> 0.82), but not on large finely textured ones (the 1955 x 1841 radiograph RG1:
-    0.73 against binomial's 0.98), where the 4-pixel box aliases what the teacher's resize
-    low-passes over 8 pixels; the receptive field (inputs 4j-3..4j+3) cannot hold a centred 8-pixel
-    filter.
+    at 4j, aliased. Measured (the figures: benchmarks/results/litemedsam_init.md and
+    benchmarks/real_model/results/): box is closer to the teacher on most images, but not on large
+    finely textured ones (a full-size radiograph, where binomial is closer), where the 4-pixel box
+    aliases what the teacher's resize low-passes over 8 pixels; the receptive field (inputs
+    4j-3..4j+3) cannot hold a centred 8-pixel filter.
     """
     k = {"box": [0.0, 0.5, 0.5], "binomial": [0.25, 0.5, 0.25], "centre": [0.0, 1.0, 0.0]}.get(taps)
     if k is None:
