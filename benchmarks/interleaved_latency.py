@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from espmed.atomic import write_text
-from espmed.benchmark.machine import cpu_info
+from espmed.machine import cpu_info
 from espmed.runtimes import load
 
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from espmed import __version__
     from espmed.atomic import write_text
-    from espmed.benchmark.machine import cpu_info
+    from espmed.machine import cpu_info
     from espmed.model import ESPMedSAM, get_preset
     from espmed.runtimes.preprocess import preprocess
     from espmed.train.distill import embedding_cosine, valid_grid

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from espmed.benchmark import harness, report
+from espmed.benchmark import harness, model_prep, options, report
 from espmed.benchmark.data import bundled_samples_dir, list_samples
-from espmed.benchmark.machine import cpu_info
 from espmed.benchmark.metrics import dice, iou
 from espmed.benchmark.weights import random_model, sppg_threshold_gap
 from espmed.errors import EspmedError, ExportError
 from espmed.export.graph import choose_modality
+from espmed.machine import cpu_info
 from espmed.model import ESPMedSAM, get_preset
 
 SIZE = 128
@@ -65,7 +65,7 @@ def bench(data_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(harness, "export_artifact", failing_fp16)
     try:
-        opts = harness.BenchOptions(
+        opts = options.BenchOptions(
             preset="esp-medsam-tiny", imgsz=SIZE, data=data_dir, targets=TARGETS, runs=2, warmup=1, threads=2, out=out,
         )
         rep = harness.run_benchmark(opts, log=lambda _: None)
@@ -225,19 +225,19 @@ def test_random_weights_are_non_degenerate():
 
 
 def test_target_selection_and_modality_choice():
-    names = [r.name for r in harness.select_rows("all")]
+    names = [r.name for r in options.select_rows("all")]
     assert names[0] == "torch" and names.index("openvino-bf16") == names.index("openvino") + 1
-    assert [r.name for r in harness.select_rows("onnx")] == ["torch", "onnx"]
+    assert [r.name for r in options.select_rows("onnx")] == ["torch", "onnx"]
     with pytest.raises(EspmedError):
-        harness.select_rows("onnx,nope")
+        options.select_rows("onnx,nope")
     samples = list_samples()
-    assert harness.modality_with_most_masks(("fundus", "microscopy"), samples) == "microscopy"
-    assert harness.modality_with_most_masks(("fundus", "colonoscopy"), []) == "fundus"
+    assert model_prep.modality_with_most_masks(("fundus", "microscopy"), samples) == "microscopy"
+    assert model_prep.modality_with_most_masks(("fundus", "colonoscopy"), []) == "fundus"
 
 
 def test_the_bench_uses_the_exports_modality_choice_and_picks_only_among_several():
     def pick(available):
-        return harness.modality_with_most_masks(available, list_samples())
+        return model_prep.modality_with_most_masks(available, list_samples())
 
     several = ESPMedSAM(get_preset("esp-medsam-tiny"))
     only = several.specialize("fundus")
@@ -249,13 +249,16 @@ def test_the_bench_uses_the_exports_modality_choice_and_picks_only_among_several
 
 def test_export_key_changes_with_the_recipe_beside_the_checkpoint(tmp_path):
     """A re-ranked recipe must not be answered with an INT8 artifact quantized by the old one."""
-    from espmed.benchmark.harness import BenchOptions, _export_key
+    from espmed.benchmark.exports import _export_key
+    from espmed.benchmark.model_prep import BenchModel
+    from espmed.benchmark.options import BenchOptions
     from espmed.export.recipe import recipe_beside
 
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"weights")
-    model = {"checkpoint": str(checkpoint), "checkpoint_sha256": "c" * 64, "image_size": 64, "modality": "microscopy",
-             "calibration": None}
+    model = BenchModel(checkpoint=str(checkpoint), checkpoint_sha256="c" * 64, checkpoint_mb=0.0, weights={},
+                       preset="esp-medsam", image_size=64, modality="microscopy", modalities=["microscopy"], gflops=0.0,
+                       threshold=0.0, calibration=None)
     opts = BenchOptions(checkpoint=checkpoint)
     keys = [_export_key("openvino-int8", model, opts)]
     recipe_beside(checkpoint).write_text('{"float_blocks": {}}')

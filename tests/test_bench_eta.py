@@ -8,7 +8,9 @@ import time
 import pytest
 
 from espmed.benchmark import eta, harness
-from espmed.benchmark.data import bundled_samples_dir
+from espmed.benchmark.data import bundled_samples_dir, list_samples
+from espmed.benchmark.options import BenchOptions, select_rows
+from espmed.benchmark.progress import Tracker, estimator
 
 WORK = eta.Workload(images=2, warmup=2, runs=5, calib_images=4, gated_images=4, attempts=5)
 F = 1.5  # seconds of one torch FP32 forward
@@ -145,7 +147,7 @@ def test_the_run_shows_each_stages_estimate_and_a_cache_hit_says_so(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(bundled_samples_dir() / "nuclei_dsb2018_a.png", data / "nuclei_dsb2018_a.png")
-    opts = harness.BenchOptions(
+    opts = BenchOptions(
         preset="esp-medsam-tiny", imgsz=128, data=data, targets="onnx,trt-fp32", runs=1, warmup=0, threads=2,
         out=tmp_path / "out",
     )
@@ -159,14 +161,14 @@ def test_the_run_shows_each_stages_estimate_and_a_cache_hit_says_so(tmp_path):
     assert fields["model"]["after_s"] is None  # no estimate before the model is known
 
     # the same run again: onnx's export is cached, estimated at 0 and shown as such
-    samples = harness.list_samples(data)
-    est = harness._estimator(
-        opts, harness.select_rows(opts.targets), rep.host, model=rep.model, images=len(samples), gemm=rep.gemm,
+    samples = list_samples(data)
+    est = estimator(
+        opts, select_rows(opts.targets), rep.host, model=rep.model, images=len(samples), gemm=rep.gemm,
         gemm_s=0.0, out=opts.out,
     )
     assert est.cached == {"onnx"}
     again = _Recorder()
-    track = harness._Tracker(again, total=2)
+    track = Tracker(again, total=2)
     track.estimator = est
     track.begin(eta.Stage("onnx", "export", target="onnx"), "onnx: export", 0)
     description, shown = again.updates[-1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from espmed.benchmark import kernels, report
-from espmed.benchmark.machine import cpu_info
+from espmed.machine import cpu_info
 from espmed.runtimes import load
 
 from .runtime_artifacts import build_artifacts

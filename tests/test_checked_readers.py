@@ -52,11 +52,11 @@ def refused(call, path: Path) -> str:
 
 def test_the_bench_calibration_and_training_use_the_one_reader():
     import espmed.io as io
-    from espmed.benchmark import harness
+    from espmed.benchmark import metrics, weights
     from espmed.data import reference, sources
     from espmed.export import calibration
 
-    assert harness.read_frame is io.read_frame and harness.read_mask is io.read_mask
+    assert weights.read_frame is io.read_frame and metrics.read_mask is io.read_mask
     assert calibration.read_frame is io.read_frame
     assert sources.read_pixels is io.read_pixels and sources.read_mask is io.read_mask
     assert sources.read_volume is io.read_volume and reference.read_mask is io.read_mask

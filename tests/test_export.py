@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from espmed.atomic import file_sha256
-from espmed.benchmark.machine import cpu_info
 from espmed.errors import BackendUnavailableError, ExportError, ImageReadError
 from espmed.export import TARGETS, export
 from espmed.export.accuracy import Gate
 from espmed.export.calibration import default_calibration_dir, load_calibration
 from espmed.export.manifest import files_sha256
+from espmed.machine import cpu_info
 from espmed.model import ESPMedSAM, get_preset, save_checkpoint
 from espmed.runtimes import Segmenter, load
 from espmed.runtimes.manifest import manifest_path, verify_manifest

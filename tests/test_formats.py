@@ -61,14 +61,14 @@ def test_artifact_files_map_to_their_backend():
 def test_cli_help_and_bench_rows_come_from_the_table():
     from typer.testing import CliRunner
 
-    from espmed.benchmark import harness
+    from espmed.benchmark import options
     from espmed.cli import app
 
     help_text = " ".join(CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "One of: " + ", ".join(f.name for f in exportable()) + "." in help_text
-    rows = harness.select_rows("all")
+    rows = options.select_rows("all")
     assert rows == list(FORMATS)
-    record = harness._row_record(format_named("openvino-bf16"))
+    record = options.row_record(format_named("openvino-bf16"))
     assert record["label"] == "OpenVINO FP32 IR, BF16 runtime precision" and record["export_target"] == "openvino"
 
 

@@ -122,17 +122,17 @@ def test_bench_measures_a_calibration_folder_on_its_held_out_images(tmp_path):
 
 def test_bench_calibrates_a_trained_model_on_its_modalitys_bundled_images(tmp_path):
     from espmed.benchmark.data import list_samples
-    from espmed.benchmark.harness import BenchOptions, calibration_dir
+    from espmed.benchmark.exports import calibration_dir
+    from espmed.benchmark.options import BenchOptions
     from espmed.model import default_checkpoint
 
-    model = {"modality": "microscopy"}
     trained = BenchOptions(checkpoint=default_checkpoint())
-    got = calibration_dir(trained, model, tmp_path)
+    got = calibration_dir(trained, "microscopy", tmp_path)
     nuclei = sorted(Path(s.image).name for s in list_samples() if s.modality == "microscopy")
     assert got == tmp_path / "calibration" / "microscopy" and sorted(p.name for p in got.iterdir()) == nuclei
-    assert calibration_dir(BenchOptions(checkpoint=None), model, tmp_path) is None  # random weights: all
+    assert calibration_dir(BenchOptions(checkpoint=None), "microscopy", tmp_path) is None  # random weights: all
     folder = tmp_path / "own"
     folder.mkdir()
-    assert calibration_dir(BenchOptions(checkpoint=default_checkpoint(), data=folder), model, tmp_path) == folder
-    other = calibration_dir(trained, {"modality": "ct-lesion"}, tmp_path)  # no bundled image of it: all
+    assert calibration_dir(BenchOptions(checkpoint=default_checkpoint(), data=folder), "microscopy", tmp_path) == folder
+    other = calibration_dir(trained, "ct-lesion", tmp_path)  # no bundled image of it: all
     assert other is None

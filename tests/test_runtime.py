@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from espmed.benchmark.machine import cpu_info
 from espmed.errors import ArtifactError, BackendUnavailableError, ModalityError
+from espmed.machine import cpu_info
 from espmed.runtimes import Prediction, load
 from espmed.runtimes.manifest import manifest_path
 from espmed.runtimes.metadata import METADATA_KEY, ArtifactMetadata

@@ -147,7 +147,7 @@ def test_loss_and_cosine_cover_only_the_image_not_its_padding():
 
 
 def test_bf16_autocast_only_where_the_cpu_has_it(monkeypatch):
-    import espmed.benchmark.machine as machine
+    import espmed.machine as machine
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(machine, "cpu_info", lambda: {"bf16": False})

@@ -134,7 +134,7 @@ def _machine(threads: int) -> dict:
 
     import torch
 
-    from espmed.benchmark.machine import cpu_info
+    from espmed.machine import cpu_info
 
     info = cpu_info()
     return {"where": "CPU (no GPU lent to this session)", "cpu": info["model"], "bf16": info["bf16"],

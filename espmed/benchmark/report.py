@@ -5,12 +5,46 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text
-from .harness import BenchReport
+from .model_prep import BenchModel
+from .options import REFERENCE
 
 RESULT_STEM = "bench"
+
+
+@dataclass
+class BenchReport:
+    """A run's results: bench.json is `to_dict()` (`files` names what `write_all` wrote)."""
+
+    rows: list[dict]
+    model: BenchModel
+    host: dict
+    versions: dict
+    gemm: dict
+    options: dict
+    notes: list[str] = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def drop_failures(self, max_drop: float | None) -> list[str]:
+        """Rows whose Dice drop vs FP32 exceeds `max_drop` (or whose accuracy could not be measured)."""
+        if max_drop is None:
+            return []
+        bad = []
+        for r in self.rows:
+            if r["status"] != "ok" or r["name"] == REFERENCE:
+                continue
+            drop = r.get("dice_drop")
+            if drop is None:
+                bad.append(f"{r['name']}: accuracy not measured")
+            elif drop > max_drop:
+                bad.append(f"{r['name']}: Dice drop {drop:.4f} > {max_drop}")
+        return bad
 
 #: Columns of the terminal table (the files have every column of `_cells`).
 TABLE_COLUMNS = (
@@ -69,14 +103,14 @@ def _cells(r: dict) -> dict[str, str]:
 
 def summary_lines(report: BenchReport) -> list[str]:
     m, cpu, o = report.model, report.host["cpu"], report.options
-    weights = "seeded random weights" if m["weights"].get("kind") == "random" else m["checkpoint"]
+    weights = "seeded random weights" if m.weights.get("kind") == "random" else m.checkpoint
     return [
-        f"model: {m['preset']} {m['image_size']}x{m['image_size']}, {m['gflops']:.1f} GFLOPs/image, "
-        f"modality {m['modality']}, {weights}",
+        f"model: {m.preset} {m.image_size}x{m.image_size}, {m.gflops:.1f} GFLOPs/image, "
+        f"modality {m.modality}, {weights}",
         f"machine: {cpu['model']}, {cpu['logical_cores']} cores, flags {' '.join(cpu['flags'])}; "
         f"measured FP32 GEMM peak {report.gemm['gflops']:.0f} GFLOP/s at {report.gemm['threads']} threads",
         f"run: {o['threads']} threads, batch {o['batch']}, {o['warmup']} warm-up + {o['runs']} timed runs, "
-        f"data: {o['data']}, {len(m['images'])} images ({', '.join(m['images'])})",
+        f"data: {o['data']}, {len(m.images)} images ({', '.join(m.images)})",
         "latency = graph call on a pre-processed image (batch 1); speed-up and accuracy are vs torch "
         "eager FP32 measured in this run; Dice min/mean over images, mask = logit >= threshold",
     ] + report.notes
@@ -172,7 +206,7 @@ def write_chart(report: BenchReport, path: Path) -> Path | None:
     ax.set_xlabel("latency p50, ms (log scale, batch 1)")
     ax.set_ylabel("min per-image mask Dice vs torch FP32")
     ax.set_title(
-        f"espmed bench: {m['preset']} {m['image_size']}px, {report.options['threads']} threads, "
+        f"espmed bench: {m.preset} {m.image_size}px, {report.options['threads']} threads, "
         f"{report.host['cpu']['model']}",
         fontsize=9,
     )

@@ -9,15 +9,31 @@ moved into the widest gap between the sorted patch logits near their 30th percen
 of the patches are positive and no patch logit lies close to the threshold, so float-level
 differences between backends cannot flip a patch, and the masks that follow are neither empty
 nor full.
+
+Such weights are made once per preset, size, seed, modality and image set and kept in
+`--out/weights` (`random_checkpoint`): placing the SPPG bias runs the model on every image.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..model import ESPMedSAM, ModelConfig
+from .. import __version__
+from ..atomic import write_text
+from ..io import read_frame
+from ..model import ESPMedSAM, ModelConfig, load_checkpoint, save_checkpoint
+from ..runtimes.preprocess import preprocess
+
+if TYPE_CHECKING:
+    from .data import Sample
 
 #: Version of the scheme below; part of the benchmark's weight-cache key.
 SCHEME = 2
@@ -121,3 +137,31 @@ def random_model(config: ModelConfig, seed: int, images: torch.Tensor, modality:
         "positive_mask_share": round(float((masks >= 0).float().mean()), 4),
     }
     return model, record
+
+
+def random_checkpoint(
+    cfg: ModelConfig, *, seed: int, modality: str, samples: list[Sample], out: Path, log: Callable[[str], None]
+) -> tuple[ESPMedSAM, Path, dict]:
+    """(model, checkpoint path, weights record): seeded random weights for `cfg`, reused from
+    `out/weights` when made before for the same preset, size, seed, modality and images."""
+    pre = cfg.preprocessing
+    key = {
+        "preset": cfg.preset, "image_size": cfg.image_size, "seed": seed, "modality": modality,
+        "images": [hashlib.sha256(Path(s.image).read_bytes()).hexdigest() for s in samples],
+        "espmed": __version__,
+        "scheme": SCHEME,
+    }
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = out / "weights" / f"random-{cfg.preset}-{cfg.image_size}-seed{seed}-{tag}.safetensors"
+    record_path = path.with_suffix(".json")
+    if path.is_file() and record_path.is_file():
+        model = load_checkpoint(path)
+        log(f"reusing random weights {path}")
+        return model, path, json.loads(record_path.read_text(encoding="utf-8"))
+    log(f"making seeded random weights (seed {seed}) at {cfg.image_size}x{cfg.image_size}")
+    images = [preprocess(read_frame(s.image), cfg.image_size, pre.mean, pre.std, pre.resize)[0] for s in samples]
+    model, placement = random_model(cfg, seed, torch.from_numpy(np.stack(images)), modality)
+    save_checkpoint(model, path, metadata={"espmed.bench.random_weights": json.dumps(key, sort_keys=True)})
+    weights = {"kind": "random", "key": key, **placement}
+    write_text(record_path, json.dumps(weights, indent=2))
+    return model, path, weights

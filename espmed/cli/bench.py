@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import EspmedError, require
 
         require("torch", "export")
-        from ..benchmark.harness import BenchOptions, run_benchmark
+        from ..benchmark.harness import run_benchmark
+        from ..benchmark.options import BenchOptions
         from ..benchmark.report import rich_table, write_all
         from ..model import default_checkpoint
 

@@ -80,7 +80,7 @@ def distill_autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None
     """`autocast_dtype`, except that `auto` on a CPU without bf16 instructions runs in fp32
     (emulated bf16 is slower than fp32 there)."""
     if amp == "auto" and device.type == "cpu":
-        from ..benchmark.machine import cpu_info
+        from ..machine import cpu_info
 
         if not cpu_info()["bf16"]:
             return None

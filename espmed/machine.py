@@ -1,7 +1,9 @@
-"""What machine a benchmark ran on: CPU model, cores, ISA flags, memory, library versions, GEMM peak.
+"""What machine this is: CPU model, cores, ISA flags, memory, NVIDIA GPU, GEMM peak.
 
-The GEMM peak is measured, not looked up: the best FP32 matrix-multiply rate numpy reaches with the
-benchmark's thread count. Achieved GFLOP/s of each backend is reported as a share of it.
+Its own layer (the standard library and psutil only): the benchmark reports these facts, and
+training picks its autocast by the CPU's flags. The GEMM peak is measured, not looked up: the best
+FP32 matrix-multiply rate numpy reaches with the benchmark's thread count (in a child process).
+Achieved GFLOP/s of each backend is reported as a share of it.
 """
 
 from __future__ import annotations
@@ -26,25 +28,6 @@ ISA_FLAGS = (
     "amx_tile",
     "amx_bf16",
     "amx_int8",
-)
-
-#: Distributions whose versions decide what a benchmark measures.
-LIBRARIES = (
-    "espmed",
-    "numpy",
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-    "onnxsim",
-    "onnxslim",
-    "openvino",
-    "nncf",
-    "tensorrt",
-    "safetensors",
-    "pillow",
-    "matplotlib",
-    "psutil",
 )
 
 
@@ -90,13 +73,6 @@ def memory_gib() -> float | None:
         return round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         return None
-
-
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    """Installed versions of `names` (absent ones omitted), plus Python's."""
-    from espmed.export.manifest import library_versions as installed
-
-    return {"python": platform.python_version(), **installed(names)}
 
 
 def has_nvidia_gpu() -> bool:
