@@ -186,11 +186,13 @@ class SeriesResult:
 def segment_series(
     segmenter, paths: list[Path], *, model_hash: str, series_uid: str | None = None,
     dicom_out: bool = True, on_chunk: Callable[[int, list, list, int], None] | None = None,
+    chunk: int = CHUNK_FRAMES,
 ) -> SeriesResult:
     """Segment every volume of one series; a volume that fails is reported, the others still count.
 
     dicom_out: build each volume's DICOM outputs (SEG, or Secondary Captures). on_chunk: called
     with (volume index, frames, masks, first frame index) while a chunk's frames are decoded.
+    chunk: slices decoded and segmented at a time.
     """
     result = SeriesResult(series_uid or "", {p.stem for p in paths})
     for index, group in enumerate(dicom_volumes(paths)):
@@ -199,7 +201,7 @@ def segment_series(
         try:
             volume = DicomSeries(group) if len(group) > 1 else read_dicom(group[0])
             hook = None if on_chunk is None else (lambda f, m, s, i=index: on_chunk(i, f, m, s))
-            masks, volume_result.infer_ms = segment_frames(segmenter, volume, on_chunk=hook)
+            masks, volume_result.infer_ms = segment_frames(segmenter, volume, on_chunk=hook, chunk=chunk)
             if dicom_out:
                 uid = result.series_uid or str(volume.source[0].get("SeriesInstanceUID", ""))
                 volume_result.datasets, volume_result.note = dicom_results(

@@ -132,7 +132,7 @@ ALLOWED = {
     ("espmed/train/engine.py", 'open(self.path, "a")'): "append-only JSON-lines training log",
     ("espmed/benchmark/worker.py", "np.savez(fh"): "into an atomic_open handle",
     ("espmed/benchmark/report.py", "fig.savefig(tmp"): "inside atomic_path",
-    ("espmed/io/dicom.py", "seg.save_as(fh)"): "into an atomic_open handle",
+    ("espmed/io/dicom_seg.py", "seg.save_as(fh)"): "into an atomic_open handle",
     ("espmed/io/writers.py", ".save(buf"): "into a BytesIO, then espmed.atomic.write_bytes",
     ("espmed/train/evaluate.py", ".save(buf"): "into a BytesIO",
     ("export/onnx_export.py", "onnx.save_model("): "into the export staging folder, published by export/manifest.py",
