@@ -22,7 +22,15 @@ from .atomic import file_sha256
 from .errors import EspmedError, UsageError, first_line
 from .io import is_supported, read_image, write_mask_png, write_nifti_mask, write_overlay_png
 from .io.common import MedicalImage, image_name, to_rgb_uint8
-from .io.dicom import DICOM_SUFFIXES, DicomSeries, dicom_volumes, group_series, is_dicom_file, read_dicom
+from .io.dicom import (
+    DICOM_SUFFIXES,
+    DicomSeries,
+    dicom_volumes,
+    group_series,
+    is_dicom_file,
+    read_dataset,
+    read_dicom,
+)
 from .io.dicom_seg import derived_uid, dicom_results, save_dicom
 
 #: Frames decoded and segmented at a time.
@@ -90,8 +98,12 @@ def collect_jobs(inputs: list[Path]) -> tuple[list[Job], list[Outcome], list[Pat
                 jobs.append(Job(paths[0].parent / f"series-{uid}" if several else paths[0].parent, paths, series=True))
         dicom_set = set(dicom)
         for p in files:
-            if p not in dicom_set:
-                (jobs.append(Job(p, [p])) if is_supported(p) else ignored.append(p))
+            if p in dicom_set:
+                continue
+            if is_supported(p):
+                jobs.append(Job(p, [p]))
+            else:
+                ignored.append(p)
     return jobs, missing, ignored
 
 
@@ -333,8 +345,6 @@ def _run_series(job: Job, segmenter, opts: PredictOptions, name: str) -> Outcome
 
 def _multi_frame(path: Path) -> bool:
     """Whether one DICOM file holds several frames (its masks are then numbered per frame)."""
-    from .io.dicom import read_dataset
-
     try:
         return int(read_dataset(path, header_only=True).get("NumberOfFrames", 1) or 1) > 1
     except (EspmedError, ValueError, TypeError):
