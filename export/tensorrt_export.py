@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from espmed.errors import BackendUnavailableError, ExportError, require
@@ -157,39 +156,3 @@ def build_engine(
 
         write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized), EngineBuildInfo(trt.__version__, gpu, cc), plan
-
-
-def engine_runner(engine_bytes: bytes):
-    """Run a serialized engine on GPU 0: images (B, 3, S, S) -> (lowres_masks, patch_logits)."""
-    trt = _import_tensorrt()
-    import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
-    import pycuda.driver as cuda
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise ExportError("TensorRT could not deserialize the engine it just built")
-    context = engine.create_execution_context()
-    stream = cuda.Stream()
-
-    def run(x: np.ndarray):
-        x = np.ascontiguousarray(x, np.float32)
-        context.set_input_shape(INPUT_NAME, x.shape)
-        buffers = {INPUT_NAME: cuda.mem_alloc(x.nbytes)}
-        cuda.memcpy_htod_async(buffers[INPUT_NAME], x, stream)
-        outputs = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                host = np.empty(tuple(context.get_tensor_shape(name)), np.float32)
-                outputs[name] = host
-                buffers[name] = cuda.mem_alloc(host.nbytes)
-            context.set_tensor_address(name, int(buffers[name]))
-        if not context.execute_async_v3(stream.handle):
-            raise ExportError("TensorRT engine execution failed")
-        for name, host in outputs.items():
-            cuda.memcpy_dtoh_async(host, buffers[name], stream)
-        stream.synchronize()
-        return outputs["lowres_masks"], outputs["patch_logits"]
-
-    return run

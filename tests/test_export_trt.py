@@ -18,7 +18,7 @@ from espmed.export.onnx_export import export_onnx, save_onnx
 from espmed.export.tensorrt_export import FP32_PINNED_OPS, plan_matcher, precision_plan, preflight
 from espmed.model import ESPMedSAM, get_preset
 from espmed.runtimes import engine_header as eh
-from espmed.runtimes.metadata import ArtifactMetadata
+from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +155,50 @@ def test_mismatched_engine_is_refused_with_a_clear_message():
 
 
 # -- needs TensorRT ------------------------------------------------------------------------------
+def engine_runner(engine_bytes: bytes):
+    """Run a serialized engine on GPU 0: images (B, 3, S, S) -> (lowres_masks, patch_logits)."""
+    import numpy as np
+    import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+    import pycuda.driver as cuda
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise ExportError("TensorRT could not deserialize the engine it just built")
+    context = engine.create_execution_context()
+    stream = cuda.Stream()
+
+    def run(x: np.ndarray):
+        x = np.ascontiguousarray(x, np.float32)
+        context.set_input_shape(INPUT_NAME, x.shape)
+        buffers = {INPUT_NAME: cuda.mem_alloc(x.nbytes)}
+        cuda.memcpy_htod_async(buffers[INPUT_NAME], x, stream)
+        outputs = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                host = np.empty(tuple(context.get_tensor_shape(name)), np.float32)
+                outputs[name] = host
+                buffers[name] = cuda.mem_alloc(host.nbytes)
+            context.set_tensor_address(name, int(buffers[name]))
+        if not context.execute_async_v3(stream.handle):
+            raise ExportError("TensorRT engine execution failed")
+        for name, host in outputs.items():
+            cuda.memcpy_dtoh_async(host, buffers[name], stream)
+        stream.synchronize()
+        return outputs["lowres_masks"], outputs["patch_logits"]
+
+    return run
+
+
 def test_build_fp16_engine_and_run_it(tiny_onnx):
     pytest.importorskip("tensorrt", reason="TensorRT 10 is not installable here (no NVIDIA index, no GPU)")
     pytest.importorskip("pycuda", reason="pycuda is not installable here (no CUDA)")
     import numpy as np
     import onnxruntime as ort
 
-    from espmed.export.tensorrt_export import build_engine, engine_runner
+    from espmed.export.tensorrt_export import build_engine
 
     model, path = tiny_onnx
     engine, info, plan = build_engine(path, "fp16", image_size=256, batch=0, max_batch=4)

@@ -17,7 +17,6 @@ from ..atomic import write_bytes
 from ..errors import ImageReadError
 from .common import MedicalImage, check_finite, check_volume_size, read_error, scale_to_uint8, squeeze_trailing
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_PERCENTILES = (0.5, 99.5)
 
 

