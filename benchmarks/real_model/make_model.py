@@ -123,12 +123,6 @@ def _write(name: str, result: dict) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("images", "history")}, indent=2), flush=True)
 
 
-def _keep_log(stage: str) -> None:
-    log = RUNS / stage / "metrics.jsonl"
-    if log.is_file():
-        shutil.copyfile(log, RESULTS / f"{stage}.metrics.jsonl")
-
-
 def _machine(threads: int) -> dict:
     import platform
 
@@ -193,7 +187,6 @@ def stage_distill(args, stage: str) -> None:
                          "seconds": round(time.monotonic() - t0, 1), "loss": result["stage1"],
                          "cosine_train": result["stage1_cosine"],
                          "steps": epochs * -(-len(train) // batch_size)})
-            shutil.copyfile(RUNS / stage / tag / "metrics.jsonl", RESULTS / f"stage1-{tag}.metrics.jsonl")
             _write(f"stage1-{tag}", runs[-1])
     else:
         for bank in model.controller_banks():
@@ -212,7 +205,6 @@ def stage_distill(args, stage: str) -> None:
                      "steps": epochs * sum(-(-n // batch_size) for n in per_controller),
                      "seconds": round(time.monotonic() - t0, 1),
                      **{k: v for k, v in result.items() if k.startswith("stage2/")}})
-        shutil.copyfile(RUNS / stage / "metrics.jsonl", RESULTS / "stage2.metrics.jsonl")
     model.config = model.config.with_(image_size=cfg.model.image_size)
     save_checkpoint(model, _checkpoint(stage), {"espmed.real.stage": stage})
     test = _samples(cfg, "test")
@@ -255,7 +247,6 @@ def stage_segment(args) -> None:
     shutil.rmtree(RUNS / "stage3", ignore_errors=True)  # a fresh run, not a resume
     started = time.monotonic()
     summary = train(cfg, items, [], show_progress=False, model=model)
-    _keep_log("stage3")
     _write("stage3", {"stage": "stage3", "items": len(items), "trainable": list(cfg.train.trainable),
                       "seconds": round(time.monotonic() - started, 1), "machine": _machine(cfg.train.threads),
                       **{k: v for k, v in summary.items() if k != "losses"}})
@@ -365,7 +356,8 @@ def write_reports() -> None:
     from espmed.atomic import write_text
 
     lines = ["# The real ESP-MedSAM: stage results", "",
-             "`python benchmarks/real_model/make_model.py STAGE`; JSON and JSONL logs beside this file.", "",
+             "`python benchmarks/real_model/make_model.py STAGE`; each stage's JSON beside this file "
+             "(its training log, `metrics.jsonl`, stays in the stage's folder under `runs/real/`).", "",
              "## Held-out teacher cosine (student 1024² vs LiteMedSAM 256²)", "", *cosine_table(), ""]
     if exps := _load("stage1-experiments"):
         lines += ["## Stage-1 variants (held-out cosine at 1024²)", "", exps["what"] + ".", ""]
