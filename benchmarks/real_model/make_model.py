@@ -4,7 +4,7 @@
     nice python benchmarks/real_model/make_model.py all    # every stage below, in order
     nice python benchmarks/real_model/make_model.py STAGE  # one stage, from the previous one's output
 
-Stages (outputs under runs/real/<stage>/, figures and logs under benchmarks/real_model/results/):
+Stages (outputs and training logs under runs/real/<stage>/, results under benchmarks/real_model/results/):
   init     `init_from_litemedsam` (box taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
            so the decoder starts from LiteMedSAM's prompt-free state; held-out cosine at 1024².
   stage1   shared trunk + neck distilled at 1024² (teacher 256²) on every `configs/real-distill.toml`
