@@ -267,3 +267,16 @@ def test_export_key_changes_with_the_recipe_beside_the_checkpoint(tmp_path):
     keys.append(_export_key("openvino-int8", model, opts))
     assert keys[0]["recipe_sha256"] is None and keys[0] != keys[1] != keys[2]
     assert _export_key("openvino", model, opts)["recipe_sha256"] is None  # float targets read no recipe
+
+
+@pytest.mark.parametrize("result", sorted(p.parent.name for p in Path("benchmarks/results").glob("*/bench.json")))
+def test_a_recorded_bench_json_re_renders_its_markdown(result, tmp_path):
+    """Results keep only bench.json and bench.md in git: the JSON re-draws the table as it was written."""
+    recorded = Path("benchmarks/results") / result
+    files = report.render(report.load_report(recorded / "bench.json"), tmp_path)
+    assert {"csv", "md"} <= set(files)
+
+    def table(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip() and not line.startswith("![")]
+
+    assert table(files["md"].read_text()) == table((recorded / "bench.md").read_text())

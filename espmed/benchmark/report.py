@@ -220,8 +220,15 @@ def write_chart(report: BenchReport, path: Path) -> Path | None:
     return path
 
 
-def write_all(report: BenchReport, out: Path) -> dict[str, Path]:
-    """bench.json (everything, machine and versions included), bench.csv, bench.md, bench.png."""
+def load_report(path: Path) -> BenchReport:
+    """A bench.json as the report it was written from: what `render` re-draws its other files from."""
+    data = json.loads(Path(path).read_text())
+    return BenchReport(**{**data, "model": BenchModel(**data["model"])})
+
+
+def render(report: BenchReport, out: Path) -> dict[str, Path]:
+    """bench.png, bench.csv and bench.md in `out`: what a bench.json can always re-draw (results keep
+    only their JSON and Markdown in git)."""
     out = Path(out)
     files = {}
     chart = write_chart(report, out / f"{RESULT_STEM}.png")
@@ -231,7 +238,13 @@ def write_all(report: BenchReport, out: Path) -> dict[str, Path]:
     write_text(files["csv"], to_csv(report))
     files["md"] = out / f"{RESULT_STEM}.md"
     write_text(files["md"], to_markdown(report, chart.name if chart else None))
-    files["json"] = out / f"{RESULT_STEM}.json"
+    return files
+
+
+def write_all(report: BenchReport, out: Path) -> dict[str, Path]:
+    """bench.json (everything, machine and versions included), bench.csv, bench.md, bench.png."""
+    files = render(report, out)
+    files["json"] = Path(out) / f"{RESULT_STEM}.json"
     report.files = {k: str(v) for k, v in files.items()}
     write_text(files["json"], json.dumps(report.to_dict(), indent=2, default=str))
     return files
