@@ -3,6 +3,7 @@ behaviour, MobileSAM init, the distill CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -25,7 +26,6 @@ from espmed.train.teacher import (
     build_sam_encoder,
     infer_sam_encoder_args,
     load_sam_encoder,
-    module_identity,
 )
 
 TINY_TEACHER = dict(
@@ -106,6 +106,15 @@ def test_teacher_checkpoint_errors(tmp_path):
     torch.save({"obj": object.__new__(TeacherEmbeddings)}, tmp_path / "pickle.pth")
     with pytest.raises(CheckpointError, match="refused to load teacher checkpoint safely"):
         load_sam_encoder(tmp_path / "pickle.pth")
+
+
+def module_identity(module) -> str:
+    """A content hash of a module's weights: the cache key of a teacher not loaded from a file."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _embeddings(teacher, cache_dir, identity=None, mean=SAM_MEAN, std=SAM_STD, size=64):

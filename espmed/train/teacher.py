@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailableError, CheckpointError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError
 from ..model.checkpoint import read_state_dict
 from ..runtimes.preprocess import preprocess, to_rgb_uint8
-from .config import ConfigError
 from .frozen import freeze
 
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -114,15 +113,6 @@ def load_sam_encoder(path: str | Path) -> tuple[nn.Module, str]:
             f"{path}: does not match a SAM image encoder (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
     return freeze(encoder), file_sha256(path)
-
-
-def module_identity(module: nn.Module) -> str:
-    """A content hash of a module's weights (cache key for teachers not loaded from a file)."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class TeacherEmbeddings:
