@@ -18,7 +18,7 @@ from espmed import __version__
 from espmed.atomic import file_sha256
 from espmed.errors import BackendUnavailableError, ExportError
 from espmed.runtimes.base import Segmenter
-from espmed.runtimes.formats import Format, exportable
+from espmed.runtimes.formats import OPTION_DEFAULTS, RUNTIME_PRECISIONS, Format, exportable
 from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
 
 from .accuracy import Attempt, Gate
@@ -132,8 +132,8 @@ def export(
     if not 0.0 <= max_drop < 1.0:
         raise ExportError(f"max_drop must be in [0, 1), got {max_drop}")
     runtime_precision = options.get("runtime_precision")
-    if runtime_precision not in (None, "f32", "bf16"):
-        raise ExportError(f"runtime_precision must be f32 or bf16, got {runtime_precision!r}")
+    if runtime_precision not in (None, *RUNTIME_PRECISIONS):
+        raise ExportError(f"runtime_precision must be {' or '.join(RUNTIME_PRECISIONS)}, got {runtime_precision!r}")
     _check_backend(tgt)
 
     stages = _Stages(progress)
@@ -165,7 +165,7 @@ def export(
             stages.note(f"  float-layer recipe: {recipe.source}")
             if tgt.backend == "openvino" and runtime_precision is None:
                 runtime_precision = recipe.runtime_precision  # the mix the ranking chose and gated
-    runtime_precision = runtime_precision or "f32"
+    runtime_precision = runtime_precision or RUNTIME_PRECISIONS[0]
 
     with staging_dir(final) as tmp:
         fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
@@ -327,7 +327,7 @@ def _build_openvino(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
         n = len(ctx.images.calibration)
         settings = _nncf_settings(options, ctx.recipe)
         loop = "NNCF accuracy control" if settings.accuracy_control else "accuracy gate"
-        if settings.accuracy_control and runtime_precision != "f32":
+        if settings.accuracy_control and runtime_precision != RUNTIME_PRECISIONS[0]:
             ctx.stages.note(  # NNCF compiles every candidate it validates with f32 inference precision
                 f"  note: NNCF's accuracy control validates at f32, the gate judges its result at {runtime_precision} "
                 "and may refuse it; --runtime-precision f32 matches the two"
@@ -386,7 +386,8 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
     with ctx.stages.stage(f"build TensorRT {ctx.target.precision} engine"):
         engine, info, plan = trtx.build_engine(
             source, ctx.target.precision, image_size=meta.input_size, batch=meta.batch,
-            max_batch=int(options.get("max_batch", 8)), workspace_mb=options.get("workspace_mb"),
+            max_batch=int(options.get("max_batch", OPTION_DEFAULTS["max_batch"])),
+            workspace_mb=options.get("workspace_mb"),
             timing_cache=options.get("timing_cache"),
         )
     meta.extra.update(info.to_extra())

@@ -14,6 +14,7 @@ import onnx
 
 from espmed.errors import BackendUnavailableError, ExportError, require
 from espmed.runtimes.engine_header import EngineBuildInfo
+from espmed.runtimes.formats import OPTION_DEFAULTS
 from espmed.runtimes.metadata import INPUT_NAME
 
 #: ONNX ops this graph family may contain that TensorRT 10's ONNX parser supports
@@ -102,7 +103,7 @@ def build_engine(
     *,
     image_size: int,
     batch: int,
-    max_batch: int = 8,
+    max_batch: int = OPTION_DEFAULTS["max_batch"],
     workspace_mb: int | None = None,
     timing_cache: str | Path | None = None,
 ) -> tuple[bytes, EngineBuildInfo, list[str]]:

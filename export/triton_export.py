@@ -29,7 +29,7 @@ from espmed.atomic import file_sha256, write_bytes, write_text
 from espmed.errors import EspmedError, ExportError
 from espmed.runtimes import engine_header
 from espmed.runtimes.base import Segmenter
-from espmed.runtimes.formats import format_for_path
+from espmed.runtimes.formats import OPTION_DEFAULTS, format_for_path
 from espmed.runtimes.loader import find_artifact
 from espmed.runtimes.manifest import check_manifest_metadata, manifest_path, verify_manifest
 from espmed.runtimes.metadata import METADATA_KEY, ArtifactMetadata
@@ -50,8 +50,8 @@ NATIVE = {
     "openvino": ("openvino", "backend", "openvino", "model.xml"),
     "tensorrt": ("tensorrt", "platform", "tensorrt_plan", "model.plan"),
 }
-DEFAULT_MAX_BATCH = 8
-DEFAULT_INSTANCES = 1
+DEFAULT_MAX_BATCH = OPTION_DEFAULTS["triton_max_batch"]
+DEFAULT_INSTANCES = OPTION_DEFAULTS["instances"]
 #: How long the dynamic batcher waits for more requests before running a smaller batch.
 QUEUE_DELAY_US = 1000
 

@@ -68,6 +68,9 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
 RUNTIME_PRECISIONS = ("f32", "bf16")
 _OV_OPTIONS = ("runtime_precision",)
 _TRT_OPTIONS = ("workspace_mb", "timing_cache", "max_batch")
+#: Export options' defaults where an exporter needs one (the CLI's help states these): the largest
+#: batch of a dynamic TensorRT engine, the Triton dynamic batcher's max_batch_size, model instances.
+OPTION_DEFAULTS = {"max_batch": 8, "triton_max_batch": 8, "instances": 1}
 #: INT8 targets: a float-layer recipe (`espmed.export.recipe`); OpenVINO's NNCF adds its own knobs.
 _INT8_OPTIONS = ("recipe",)
 _NNCF_OPTIONS = ("smooth_quant_alpha", "accuracy_control")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..runtimes.formats import RUNTIME_PRECISIONS, export_options, exportable
+from ..runtimes.formats import OPTION_DEFAULTS, RUNTIME_PRECISIONS, export_options, exportable
 
 _TARGET_NAMES = ", ".join(f.name for f in exportable())
 
@@ -66,13 +66,16 @@ def register(app: typer.Typer) -> None:
             None, "--timing-cache", help="TensorRT only: timing cache file to reuse and update.",
         ),
         max_batch: int | None = typer.Option(
-            None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine (default 8).",
+            None, "--max-batch", help="TensorRT only: largest batch of a --dynamic engine "
+            f"(default {OPTION_DEFAULTS['max_batch']}).",
         ),
         triton_max_batch: int | None = typer.Option(
-            None, "--triton-max-batch", help="triton only: max_batch_size of the dynamic batcher (default 8).",
+            None, "--triton-max-batch", help="triton only: max_batch_size of the dynamic batcher "
+            f"(default {OPTION_DEFAULTS['triton_max_batch']}).",
         ),
         instances: int | None = typer.Option(
-            None, "--instances", help="triton only: model instances per server (default 1).",
+            None, "--instances", help="triton only: model instances per server "
+            f"(default {OPTION_DEFAULTS['instances']}).",
         ),
     ) -> None:
         """Export a checkpoint to ONNX, OpenVINO IR or a TensorRT engine, checked against the model; or
