@@ -117,17 +117,24 @@ class StoreHandler:
         log.warning(message)
 
     def on_store(self, event):
-        """Check, spool, then acknowledge; any refusal is a failure status with a one-line comment."""
+        """Check, spool, then acknowledge; any refusal is a failure status whose comment leads with
+        the reason (the log line also names the instance)."""
         calling = event.assoc.requestor.ae_title
+        sop = "?"
         code = CANNOT_UNDERSTAND  # what a failure of the current step answers
         try:
             data = event.encoded_dataset(include_meta=True)
             if len(data) > self.instance_bytes:
-                raise SpoolFull(f"instance of {len(data):,} bytes exceeds the {self.instance_bytes:,}-byte limit")
+                raise SpoolFull(f"instance {_size(len(data))} > {_size(self.instance_bytes)} limit")
             ds = event.dataset
             ds.file_meta = event.file_meta
             sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
+            if check_uid(event.request.AffectedSOPInstanceUID, "Affected SOP Instance UID") != sop:
+                raise ValueError("SOP Instance UID differs from the command's Affected SOP Instance UID")
             series = check_uid(ds.SeriesInstanceUID, "Series Instance UID")
+            check_uid(ds.get("StudyInstanceUID", ""), "Study Instance UID")
+            if "FrameOfReferenceUID" in ds:
+                check_uid(ds.FrameOfReferenceUID, "Frame of Reference UID")
             label = Path(f"{calling}:{sop}")
             code = NOT_AN_IMAGE
             check_image_instance(ds, label)
@@ -135,23 +142,32 @@ class StoreHandler:
             dicom_frames(ds, label)  # the predict checks: declared size, decodable, finite
             self.spool.store_instance(series, sop, data)
         except (SpoolFull, OSError) as exc:
-            return self._refuse(OUT_OF_RESOURCES, calling, str(exc))
-        except EspmedError as exc:
-            return self._refuse(code, calling, str(exc))
+            return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
+        except (EspmedError, ValueError) as exc:
+            return self._refuse(code, calling, sop, str(exc))
         except Exception as exc:  # noqa: BLE001 - a malformed data set raises anything on access
-            return self._refuse(CANNOT_UNDERSTAND, calling, f"malformed data set ({first_line(exc, with_type=True)})")
+            why = f"malformed data set ({first_line(exc, with_type=True)})"
+            return self._refuse(CANNOT_UNDERSTAND, calling, sop, why)
         self.clock.touch(series)
         self.status.add("instances_received")
         return 0x0000
 
-    def _refuse(self, code: int, calling: str, why: str):
+    def _refuse(self, code: int, calling: str, sop: str, why: str):
+        """A failure status: ErrorComment is the reason (at most 64 characters), the log has it all."""
         from pydicom.dataset import Dataset
 
-        why = " ".join(why.split())
+        reason = " ".join(why.split()).removeprefix(f"{calling}:{sop}: ")
         self.status.add("instances_refused")
-        self.status.error(f"C-STORE from {calling} refused (0x{code:04X}): {why}")
-        log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, why)
+        self.status.error(f"C-STORE from {calling} refused (0x{code:04X}): {sop}: {reason}")
+        log.warning("C-STORE from %s refused (0x%04X): %s: %s", calling, code, sop, reason)
         status = Dataset()
         status.Status = code
-        status.ErrorComment = why[:64]
+        status.ErrorComment = reason[:64]
         return status
+
+
+def _size(n: int) -> str:
+    """A byte count short enough for a 64-character ErrorComment: KiB below 1 MiB, else MiB."""
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"

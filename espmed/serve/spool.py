@@ -26,14 +26,16 @@ from ..atomic import write_bytes, write_text
 from ..errors import SpoolFull
 from ..io.dicom_seg import save_dicom
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def check_uid(uid: str, what: str) -> str:
-    """A UID safe to use as a file name (digits and dots, at most 64 characters)."""
-    uid = str(uid).strip().rstrip("\0")
-    if not uid or len(uid) > 64 or not _UID.match(uid):
-        raise ValueError(f"invalid {what} {uid[:70]!r}")
+    """A UID safe to use as a file name and to write: digits and dots, at most 64 characters, the
+    whole value (one trailing NUL or space of padding allowed, nothing else)."""
+    text = str(uid)
+    uid = text[:-1] if text.endswith(("\0", " ")) else text
+    if not uid or len(uid) > 64 or not _UID.fullmatch(uid):
+        raise ValueError(f"invalid {what} {text[:70]!r}")
     return uid
 
 
