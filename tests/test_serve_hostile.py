@@ -5,10 +5,14 @@ ErrorComment leads with the reason, and nothing refused may reach the spool."""
 from __future__ import annotations
 
 import copy
+import re
+import socket
+import threading
+import time
 
 import pytest
 
-from .serve_node import HOST, Node, series
+from .serve_node import HOST, Node, echo, series, wait_for
 
 pytest.importorskip("pynetdicom")
 
@@ -100,3 +104,114 @@ def test_refusals_lead_with_the_reason_not_the_instance(node):
     status, comment = store(node, ds)
     assert status == 0xA900 and comment == "CT Image Storage has no pixel data", comment
     assert f"{ds.SOPInstanceUID}: CT Image Storage has no pixel data" in node.log()  # the log names the instance
+
+
+# -- peers that never negotiate -----------------------------------------------------------------------
+HANDSHAKE = 2.0  # the guarded node's --handshake-seconds
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    from .runtime_artifacts import build_artifacts
+
+    model = build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
+    spool = tmp_path_factory.mktemp("guarded") / "spool"
+    n = Node(model, spool, "--series-timeout", "600", "--max-associations", "2", "--handshake-seconds",
+             str(HANDSHAKE), "--max-negotiating", "6", "--max-negotiating-per-address", "3").start()
+    yield n
+    n.stop()
+
+
+def attacker(node: Node, source: str = "127.0.0.2") -> socket.socket:
+    """A TCP connection to the node from another loopback address."""
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect((HOST, node.port))
+    return s
+
+
+def closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Seconds until the node closed `s` (it reads EOF or a reset), or None if it stayed open."""
+    t0 = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        while True:
+            if not s.recv(4096):
+                return time.monotonic() - t0
+    except (ConnectionResetError, BrokenPipeError):
+        return time.monotonic() - t0
+    except TimeoutError:
+        return None
+    finally:
+        s.close()
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def refusals(node: Node, **at_least: int) -> dict:
+    """The status file's refusal counts, once each named reason has reached its count."""
+
+    def counts():
+        got = node.status().get("connections_refused_by_reason", {})
+        return got if all(got.get(k, 0) >= n for k, n in at_least.items()) else None
+
+    return wait_for(counts, 10, f"refusal counts {at_least}")
+
+
+def test_an_unknown_pdu_type_is_closed_at_once(guarded):
+    s = attacker(guarded)
+    s.sendall(bytes.fromhex("09000000000401020304"))
+    took = closed_within(s, 5)
+    assert took is not None and took < 1.0
+    assert "connection from 127.0.0.2 closed: unknown PDU type 0x09" in guarded.log()
+
+
+def test_a_declared_pdu_length_is_not_believed(guarded):
+    before = rss_mib(guarded.proc.pid)
+    s = attacker(guarded, "127.0.0.3")
+    s.sendall(bytes.fromhex("0100FFFFFFFF") + b"\x00\x01" + b"\x00" * 64)
+    try:  # the node closes before it reads the body: sending 64 MiB more fails or goes nowhere
+        for _ in range(64):
+            s.sendall(b"\x00" * (1 << 20))
+    except OSError:
+        pass
+    assert closed_within(s, 5) is not None
+    assert rss_mib(guarded.proc.pid) - before < 20
+    assert "connection from 127.0.0.3 closed: declared PDU length 4,294,967,295 > 65,536 bytes" in guarded.log()
+
+
+def test_silent_and_dripping_peers_cannot_take_the_slots(guarded):
+    silent = [attacker(guarded) for _ in range(3)]  # the per-address cap
+    time.sleep(0.3)
+    extra = attacker(guarded)
+    assert closed_within(extra, 3) is not None  # a fourth from the same address: closed at once
+    drip = attacker(guarded, "127.0.0.4")
+    rq = bytes.fromhex("010000000044")  # an A-ASSOCIATE-RQ header, then one byte at a time
+
+    def dripping():
+        for byte in rq + b"\x00" * 20:
+            try:
+                drip.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.4)
+
+    thread = threading.Thread(target=dripping, daemon=True)
+    thread.start()
+    assert echo(guarded.port)  # a legitimate scanner gets a slot during the attack
+    took = [closed_within(s, HANDSHAKE + 3) for s in silent]
+    assert all(t is not None for t in took), took  # closed at the deadline, not held
+    thread.join(HANDSHAKE + 5)
+    refusals(guarded, handshake_timeout=4, too_many_negotiating=1)
+    log = guarded.log()
+    assert "connection from 127.0.0.4 closed: no association negotiated within 2 s" in log
+    assert re.search(r"connection from 127\.0\.0\.2 closed: \d connections from this address are negotiating \(cap 3\)",
+                     log)
+    assert log.count("connection from 127.0.0.3 closed") == 1  # closed once, not again at the deadline
+    assert echo(guarded.port)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 
-from ..serve.node import GIB, Limits
+from ..serve.node import GIB, GuardLimits, Limits
 
 _DEFAULTS = Limits()
+_GUARD = GuardLimits()
 
 
 # Options (module-level so that Typer's defaults are singletons).
@@ -31,7 +32,21 @@ SERIES_TIMEOUT = typer.Option(
     10.0, "--series-timeout", min=0.1,
     help="Seconds without a new instance after which a series is complete.",
 )
-MAX_ASSOCIATIONS = typer.Option(10, "--max-associations", min=1, help="Concurrent associations accepted.")
+MAX_ASSOCIATIONS = typer.Option(
+    10, "--max-associations", min=1,
+    help="Concurrent negotiated associations (connections still negotiating have their own caps).",
+)
+HANDSHAKE_SECONDS = typer.Option(
+    _GUARD.handshake_seconds, "--handshake-seconds", min=0.5,
+    help="A connection that has not negotiated an association by then is closed, whatever it sends.",
+)
+MAX_NEGOTIATING = typer.Option(
+    _GUARD.unnegotiated, "--max-negotiating", min=1, help="Connections negotiating at once, all peers.",
+)
+MAX_NEGOTIATING_PER_ADDRESS = typer.Option(
+    _GUARD.per_address, "--max-negotiating-per-address", min=1,
+    help="Connections negotiating at once from one peer address.",
+)
 TLS_CERT = typer.Option(None, "--tls-cert", help="Server certificate (PEM): accept TLS only.")
 TLS_KEY = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM).")
 TLS_CA = typer.Option(None, "--tls-ca", help="CA bundle: require client certificates it signed.")
@@ -71,6 +86,9 @@ def register(app: typer.Typer) -> None:
         spool: Path = SPOOL,
         series_timeout: float = SERIES_TIMEOUT,
         max_associations: int = MAX_ASSOCIATIONS,
+        handshake_seconds: float = HANDSHAKE_SECONDS,
+        max_negotiating: int = MAX_NEGOTIATING,
+        max_negotiating_per_address: int = MAX_NEGOTIATING_PER_ADDRESS,
         tls_cert: Path | None = TLS_CERT,
         tls_key: Path | None = TLS_KEY,
         tls_ca: Path | None = TLS_CA,
@@ -112,4 +130,6 @@ def register(app: typer.Typer) -> None:
             series_timeout=series_timeout, max_associations=max_associations,
             tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, limits=limits, send_tries=send_tries,
             retry_seconds=retry_seconds, keep_hours=keep_hours, device=device, threads=threads,
+            guard=GuardLimits(handshake_seconds=handshake_seconds, unnegotiated=max_negotiating,
+                              per_address=max_negotiating_per_address),
         ))

@@ -6,7 +6,7 @@ import logging
 import re
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EspmedError
@@ -59,6 +59,20 @@ class Limits:
     min_free_bytes: int = 2 * GIB
 
 
+@dataclass(frozen=True)
+class GuardLimits:
+    """Connections that have not negotiated an association (`guard.ConnectionGuard`)."""
+
+    handshake_seconds: float = 10.0  # closed if not negotiated by then, whatever they send
+    unnegotiated: int = 16  # negotiating at once, all peers (beside --max-associations)
+    per_address: int = 4  # negotiating at once from one peer address
+    pre_association_pdu: int = 64 * 1024  # largest PDU before negotiation (an A-ASSOCIATE-RQ is a few kB)
+
+
+#: The largest P-DATA PDU the node receives (pynetdicom's default).
+MAX_PDU = 16382
+
+
 @dataclass
 class ServeConfig:
     model: str | Path  # an artifact, a checkpoint or a triton:// URL
@@ -74,6 +88,7 @@ class ServeConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    guard: GuardLimits = field(default_factory=GuardLimits)
     send_tries: int = 10
     retry_seconds: float = 2.0
     keep_hours: float = 24.0
@@ -83,10 +98,11 @@ class ServeConfig:
 
 def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM / SIGINT (or `stop`); everything acknowledged is in the spool first."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
+    from pynetdicom.transport import ThreadedAssociationServer
 
     from ..runtimes import load
+    from .guard import ConnectionGuard, GuardedRequestHandler, NodeAE
     from .scheduler import SeriesClock, Worker
     from .sender import Retry, Sender
     from .server import StoreHandler, accepted_syntaxes, storage_classes, tls_context
@@ -117,20 +133,30 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
                     destinations=config.destinations, keep_seconds=config.keep_hours * 3600, stop=stop)
     resumed = worker.resume()
 
-    ae = AE(ae_title=ae_title)
+    guard = ConnectionGuard(**asdict(config.guard), max_pdu=MAX_PDU, status=status)
+    ae = NodeAE(ae_title=ae_title)
     ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = MAX_PDU
     ae.require_calling_aet = allow
-    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+    ae.network_timeout = ae.dimse_timeout = 60
+    # pynetdicom's own wait for an A-ASSOCIATE-RQ: longer than the guard's deadline, so that the guard
+    # closes (and logs) a silent connection first; it also bounds how long a closed one lingers.
+    ae.acse_timeout = config.guard.handshake_seconds + 2
     syntaxes = accepted_syntaxes()
     ae.add_supported_context(Verification)  # C-ECHO
     for uid in storage_classes():
         ae.add_supported_context(uid, syntaxes)
-    handler = StoreHandler(spool=spool, clock=clock, status=status, instance_bytes=limits.instance_bytes)
+    handler = StoreHandler(spool=spool, clock=clock, status=status, instance_bytes=limits.instance_bytes,
+                           allow=allow)
     try:
-        server = ae.start_server((config.host, config.port), block=False, ssl_context=ssl_context,
-                                 evt_handlers=handler.handlers())
+        server = ae.make_server((config.host, config.port), ssl_context=ssl_context, evt_handlers=handler.handlers(),
+                                server_class=ThreadedAssociationServer, request_handler=GuardedRequestHandler)
     except OSError as exc:
         raise EspmedError(f"cannot listen on {config.host}:{config.port} ({exc})") from None
+    server.guard = guard
+    ae._servers.append(server)  # as AE.start_server does, so that server.shutdown() finds it
+    threading.Thread(target=server.serve_forever, name="acceptor", daemon=True).start()
+    guard.start()
     for thread in (worker, *senders):
         thread.start()
     main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
@@ -147,6 +173,7 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
         stop.wait()
     finally:
         status.state = "stopping"
+        guard.stop()
         server.shutdown()
         for thread in (worker, *senders):
             thread.join(timeout=30)

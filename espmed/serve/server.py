@@ -88,11 +88,13 @@ def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
 class StoreHandler:
     """The C-STORE / C-ECHO / association event handlers over one spool."""
 
-    def __init__(self, *, spool: Spool, clock: SeriesClock, status: Status, instance_bytes: int) -> None:
+    def __init__(self, *, spool: Spool, clock: SeriesClock, status: Status, instance_bytes: int,
+                 allow: list[str] | None = None) -> None:
         self.spool = spool
         self.clock = clock
         self.status = status
         self.instance_bytes = instance_bytes
+        self.allow = allow or []
 
     def handlers(self) -> list:
         from pynetdicom import evt
@@ -112,7 +114,11 @@ class StoreHandler:
     def on_rejected(self, event) -> None:
         self.status.add("associations_rejected")
         who = event.assoc.requestor
-        message = f"association from {who.ae_title}@{who.address} rejected"
+        if self.allow and who.ae_title not in self.allow:
+            why = "calling AE title not allowed"
+        else:
+            why = f"all {event.assoc.ae.maximum_associations} association slots in use"
+        message = f"association from {who.ae_title}@{who.address} rejected: {why}"
         self.status.error(message)
         log.warning(message)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..atomic import write_text
 
 COUNTERS = (
-    "associations", "associations_rejected", "echoes", "instances_received", "instances_refused",
+    "associations", "associations_rejected", "connections_refused", "echoes", "instances_received",
+    "instances_refused",
     "series_segmented", "series_failed", "frames_segmented", "sent", "send_failures", "dead_lettered",
 )
 #: How many recent errors the status file keeps.
@@ -26,6 +27,7 @@ class Status:
         self.path = Path(path)
         self.info = info
         self.counts = dict.fromkeys(COUNTERS, 0)
+        self.refusals: collections.Counter = collections.Counter()  # connections closed, by reason
         self.errors: collections.deque = collections.deque(maxlen=LAST_ERRORS)
         self.state = "starting"
         self.segmenting: str | None = None
@@ -36,6 +38,12 @@ class Status:
     def add(self, counter: str, n: int = 1) -> None:
         with self._lock:
             self.counts[counter] += n
+
+    def refused(self, reason: str) -> None:
+        """One connection closed before (or instead of) negotiating, for `reason`."""
+        with self._lock:
+            self.counts["connections_refused"] += 1
+            self.refusals[reason] += 1
 
     def error(self, message: str) -> None:
         with self._lock:
@@ -50,7 +58,8 @@ class Status:
             data = {
                 **self.info, "pid": os.getpid(), "state": self.state, "updated": _now(),
                 "queue": {"series_waiting": self.waiting, "segmenting": self.segmenting, **queue},
-                "counts": dict(self.counts), "last_errors": list(self.errors),
+                "counts": dict(self.counts), "connections_refused_by_reason": dict(self.refusals),
+                "last_errors": list(self.errors),
             }
         write_text(self.path, json.dumps(data, indent=1))
 
