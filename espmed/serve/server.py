@@ -126,7 +126,7 @@ class StoreHandler:
         """Check, spool, then acknowledge; any refusal is a failure status whose comment leads with
         the reason (the log line also names the instance)."""
         calling = event.assoc.requestor.ae_title
-        sop = "?"
+        sop = repr(str(event.request.AffectedSOPInstanceUID)[:64])[1:-1]  # for the log until checked
         code = CANNOT_UNDERSTAND  # what a failure of the current step answers
         try:
             data = event.encoded_dataset(include_meta=True)
