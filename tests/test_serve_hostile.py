@@ -215,3 +215,20 @@ def test_silent_and_dripping_peers_cannot_take_the_slots(guarded):
                      log)
     assert log.count("connection from 127.0.0.3 closed") == 1  # closed once, not again at the deadline
     assert echo(guarded.port)
+
+
+def test_deflated_transfer_syntax_is_not_offered(node):
+    """A deflate bomb (424 KiB inflating to 400 MiB) passed the size limit: the syntax is refused."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ds = series(1)[0]
+    ae = AE(ae_title="SCANNER")
+    ae.acse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(ds.SOPClassUID, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
+    assoc = ae.associate(HOST, node.port, ae_title="ESPMED")
+    assert assoc.is_established
+    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {ExplicitVRLittleEndian}

@@ -16,7 +16,6 @@ from pathlib import Path
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -44,8 +43,9 @@ log = logging.getLogger("espmed.serve")
 OUT_OF_RESOURCES = 0xA700
 NOT_AN_IMAGE = 0xA900  # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000
-#: Uncompressed transfer syntaxes: always accepted.
-NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+#: Uncompressed transfer syntaxes: always accepted. Not Deflated Explicit VR Little Endian: a few
+#: hundred kB of it inflate to gigabytes before any size check could see them (a deflate bomb).
+NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 #: Compressed transfer syntaxes, accepted when a pixel decoder for them is installed.
 COMPRESSED_SYNTAXES = (
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
