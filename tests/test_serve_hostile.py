@@ -23,7 +23,7 @@ def node(tmp_path_factory):
 
     model = build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
     spool = tmp_path_factory.mktemp("hostile") / "spool"
-    n = Node(model, spool, "--series-timeout", "600").start()
+    n = Node(model, spool, "--series-timeout", "600", "--max-instance-gib", str(1 / 1024)).start()  # 1 MiB
     yield n
     n.stop()
 
@@ -232,3 +232,18 @@ def test_deflated_transfer_syntax_is_not_offered(node):
     accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     assoc.release()
     assert accepted == {ExplicitVRLittleEndian}
+
+
+def test_the_instance_limit_applies_to_the_decoded_size(node):
+    """An RLE instance of a few kB that decodes to 2 MiB, against the node's 1 MiB instance limit."""
+    import numpy as np
+    from pydicom.uid import RLELossless
+
+    ds = copy.deepcopy(series(1)[0])
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = np.zeros((1024, 1024), np.uint16).tobytes()
+    ds.compress(RLELossless)
+    assert len(ds.PixelData) < 64 * 1024
+    status, comment = store(node, ds)
+    assert status == 0xA700 and comment == "instance decodes to 2.0 MiB > 1.0 MiB limit", comment
+    assert str(ds.SOPInstanceUID) not in spooled(node)

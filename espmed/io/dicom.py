@@ -162,16 +162,47 @@ def header_checked(path: Path):
 
 
 def _stored_pixels(ds, path: Path) -> np.ndarray:
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ImageReadError(f"{path}: DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    check_declared_size(path, (n_frames, rows, cols, samples), (rows, cols))
+    _check_pixel_header(ds, path)
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom: ValueError for short data, RuntimeError for no decoder, ...
         raise read_error(path, "cannot decode DICOM pixel data", exc) from None
+
+
+def _check_pixel_header(ds, path: Path) -> None:
+    """Pixel data present, and its declared size within the reader's limits."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    rows, cols = frame_size(ds)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    check_declared_size(path, (n_frames, rows, cols, samples), (rows, cols))
+
+
+def decoded_bytes(ds) -> int:
+    """The pixel data's size once decoded, from the header (what a compressed instance costs)."""
+    rows, cols = frame_size(ds)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    return rows * cols * frames * samples * max(1, (bits + 7) // 8)
+
+
+def check_decodable(ds, path: Path) -> None:
+    """An instance's pixels checked as `dicom_frames` would need them, one frame at a time (memory:
+    one decoded frame, not the instance): present, declared size within limits, every frame
+    decodable and finite. What a receiver checks before it keeps an instance."""
+    from pydicom.pixels import iter_pixels
+
+    with header_checked(path):
+        _check_pixel_header(ds, path)
+        try:
+            for frame in iter_pixels(ds):
+                check_finite(path, frame)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _stored_pixels
+            raise read_error(path, "cannot decode DICOM pixel data", exc) from None
 
 
 def _dicom_frames(ds, path: Path) -> list[np.ndarray]:

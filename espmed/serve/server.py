@@ -32,7 +32,7 @@ from pydicom.uid import (
 )
 
 from ..errors import EspmedError, SpoolFull, first_line
-from ..io.dicom import check_image_instance, dicom_frames, is_image_storage
+from ..io.dicom import check_decodable, check_image_instance, decoded_bytes, is_image_storage
 from .scheduler import SeriesClock
 from .spool import Spool, check_uid
 from .status import Status
@@ -144,8 +144,10 @@ class StoreHandler:
             label = Path(f"{calling}:{sop}")
             code = NOT_AN_IMAGE
             check_image_instance(ds, label)
+            if decoded_bytes(ds) > self.instance_bytes:
+                raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
-            dicom_frames(ds, label)  # the predict checks: declared size, decodable, finite
+            check_decodable(ds, label)  # declared size, decodable, finite: a frame at a time
             self.spool.store_instance(series, sop, data)
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
