@@ -112,14 +112,20 @@ _STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 _NON_MEDICAL = ("1.2.840.10008.5.1.4.1.1.501.", "1.2.840.10008.5.1.4.1.1.601.")  # DICOS security, eddy current
 
 
-def check_image_instance(ds, path: Path) -> None:
+#: The pixel data elements (integer, float, double float).
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def check_image_instance(ds, path: Path, *, has_pixels: bool | None = None) -> None:
     """Refuse what is not an image to segment, by SOP class, before any pixel is decoded.
 
     SEG, RT Dose/Plan/Structure Set, SR, presentation states, ... are refused naming the class;
     an image class without pixel data is refused as such. A data set without SOP Class UID (old
-    ACR-NEMA style files) is judged by its pixel data alone.
+    ACR-NEMA style files) is judged by its pixel data alone. has_pixels: for a header read without
+    its pixels, whether pixel data followed (else it is looked up in `ds`).
     """
-    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if has_pixels is None:
+        has_pixels = any(k in ds for k in PIXEL_KEYWORDS)
     check_image_class(ds, path, has_pixels=has_pixels)
     if "SOPClassUID" in ds and not has_pixels:
         raise ImageReadError(f"{path}: {_class_name(str(ds.SOPClassUID))} has no pixel data")
@@ -171,8 +177,12 @@ def _stored_pixels(ds, path: Path) -> np.ndarray:
 
 def _check_pixel_header(ds, path: Path) -> None:
     """Pixel data present, and its declared size within the reader's limits."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if not any(k in ds for k in PIXEL_KEYWORDS):
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    _check_declared(ds, path)
+
+
+def _check_declared(ds, path: Path) -> None:
     rows, cols = frame_size(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -188,16 +198,17 @@ def decoded_bytes(ds) -> int:
     return rows * cols * frames * samples * max(1, (bits + 7) // 8)
 
 
-def check_decodable(ds, path: Path) -> None:
-    """An instance's pixels checked as `dicom_frames` would need them, one frame at a time (memory:
-    one decoded frame, not the instance): present, declared size within limits, every frame
-    decodable and finite. What a receiver checks before it keeps an instance."""
+def check_decodable(ds, path: Path, *, source=None) -> None:
+    """An instance's pixels checked as `dicom_frames` would need them, one frame at a time: declared
+    size within limits (from `ds`, which may be the header alone), every frame decodable and
+    finite. source: where pydicom reads the pixels from (a file: memory holds one decoded frame,
+    not the instance); else `ds`. What a receiver checks before it keeps an instance."""
     from pydicom.pixels import iter_pixels
 
     with header_checked(path):
-        _check_pixel_header(ds, path)
+        _check_declared(ds, path)
         try:
-            for frame in iter_pixels(ds):
+            for frame in iter_pixels(ds if source is None else source):
                 check_finite(path, frame)
         except ImageReadError:
             raise

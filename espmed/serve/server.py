@@ -129,11 +129,11 @@ class StoreHandler:
         sop = repr(str(event.request.AffectedSOPInstanceUID)[:64])[1:-1]  # for the log until checked
         code = CANNOT_UNDERSTAND  # what a failure of the current step answers
         try:
-            data = event.encoded_dataset(include_meta=True)
-            if len(data) > self.instance_bytes:
-                raise SpoolFull(f"instance {_size(len(data))} > {_size(self.instance_bytes)} limit")
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            data = _received(event)
+            size = sum(len(c) for c in data)
+            if size > self.instance_bytes:
+                raise SpoolFull(f"instance {_size(size)} > {_size(self.instance_bytes)} limit")
+            ds, has_pixels = _header(event)
             sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
             if check_uid(event.request.AffectedSOPInstanceUID, "Affected SOP Instance UID") != sop:
                 raise ValueError("SOP Instance UID differs from the command's Affected SOP Instance UID")
@@ -143,12 +143,12 @@ class StoreHandler:
                 check_uid(ds.FrameOfReferenceUID, "Frame of Reference UID")
             label = Path(f"{calling}:{sop}")
             code = NOT_AN_IMAGE
-            check_image_instance(ds, label)
+            check_image_instance(ds, label, has_pixels=has_pixels)
             if decoded_bytes(ds) > self.instance_bytes:
                 raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
-            check_decodable(ds, label)  # declared size, decodable, finite: a frame at a time
-            self.spool.store_instance(series, sop, data)
+            # declared size, decodable, finite: read back from the spooled file a frame at a time
+            self.spool.store_instance(series, sop, data, check=lambda path: check_decodable(ds, label, source=path))
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
         except (EspmedError, ValueError) as exc:
@@ -172,6 +172,40 @@ class StoreHandler:
         status.Status = code
         status.ErrorComment = reason[:64]
         return status
+
+
+def _received(event) -> list:
+    """The instance as received, as the chunks of its file (preamble and file meta, then the data set
+    as sent): pynetdicom's `encoded_dataset` would copy the data set twice to join them."""
+    from pynetdicom.dsutils import encode_file_meta
+
+    return [b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta), event.request.DataSet.getbuffer()]
+
+
+def _header(event) -> tuple:
+    """(the received data set up to its pixel data, with its file meta; whether pixel data follows),
+    parsed from the received bytes without copying the pixels (pynetdicom's `event.dataset`
+    decodes the whole data set)."""
+    from pydicom.filereader import read_dataset
+
+    found = []
+
+    def at_pixels(tag, vr, length) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            found.append(length)
+            return True
+        return False
+
+    syntax = event.context.transfer_syntax
+    stream = event.request.DataSet
+    stream.seek(0)
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=at_pixels)
+    ds.file_meta = event.file_meta
+    return ds, bool(found)
+
+
+#: (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, (7FE0,0010) Pixel Data.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 def _size(n: int) -> str:

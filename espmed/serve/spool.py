@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..atomic import write_bytes, write_text
+from ..atomic import atomic_path, write_text
 from ..errors import SpoolFull
 from ..io.dicom_seg import save_dicom
 
@@ -58,25 +58,37 @@ class Spool:
         self._total = sum(self._series.values()) + derived
 
     # -- received instances ----------------------------------------------------------------------
-    def store_instance(self, series_uid: str, sop_uid: str, data: bytes) -> None:
-        """Write one received instance atomically, within the limits (SpoolFull otherwise)."""
+    def store_instance(self, series_uid: str, sop_uid: str, data: bytes | list, check=None) -> None:
+        """Write one received instance atomically, within the limits (SpoolFull otherwise).
+
+        data: its bytes, or a list of chunks written in turn (a received data set is not joined
+        first). check: called with the written temporary file before it is published; whatever it
+        raises refuses the instance (nothing is kept), e.g. decoding it frame by frame from disk.
+        """
         path = self.root / "instances" / series_uid / f"{sop_uid}.dcm"
+        chunks = data if isinstance(data, list) else [data]
+        size = sum(len(c) for c in chunks)
         with self._lock:
             old = path.stat().st_size if path.is_file() else 0
-            grow = len(data) - old
+            grow = size - old
             series = self._series.get(series_uid, 0)
             if series + grow > self.series_limit:
                 raise SpoolFull(f"series {series_uid} would exceed the {_gib(self.series_limit)} per-series limit")
             if self._total + grow > self.spool_limit:
                 raise SpoolFull(f"spool would exceed its {_gib(self.spool_limit)} limit")
             free = shutil.disk_usage(self.root).free
-            if free - len(data) < self.min_free:
+            if free - size < self.min_free:
                 raise SpoolFull(f"disk free {_gib(free)} is at the {_gib(self.min_free)} floor")
             self._series[series_uid] = series + grow
             self._total += grow
         try:
-            write_bytes(path, data)
-        except OSError:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    for chunk in chunks:
+                        fh.write(chunk)
+                if check is not None:
+                    check(tmp)
+        except BaseException:
             with self._lock:
                 self._series[series_uid] -= grow
                 self._total -= grow
