@@ -198,13 +198,15 @@ class SeriesResult:
 def segment_series(
     segmenter, paths: list[Path], *, model_hash: str, series_uid: str | None = None,
     dicom_out: bool = True, on_chunk: Callable[[int, list, list, int], None] | None = None,
-    chunk: int = CHUNK_FRAMES,
+    chunk: int = CHUNK_FRAMES, revision: int = 0,
 ) -> SeriesResult:
     """Segment every volume of one series; a volume that fails is reported, the others still count.
 
     dicom_out: build each volume's DICOM outputs (SEG, or Secondary Captures). on_chunk: called
     with (volume index, frames, masks, first frame index) while a chunk's frames are decoded.
-    chunk: slices decoded and segmented at a time.
+    chunk: slices decoded and segmented at a time. revision: how many times an instance of the
+    series was replaced by other bytes (serve): a revision gives new output UIDs and a higher
+    InstanceNumber, so the SEG of changed pixels supersedes the old one instead of reusing its UID.
     """
     result = SeriesResult(series_uid or "", {p.stem for p in paths})
     for index, group in enumerate(dicom_volumes(paths)):
@@ -219,8 +221,9 @@ def segment_series(
                 volume_result.datasets, volume_result.note = dicom_results(
                     volume.source, _LazyFrames(volume), masks, modality_name=segmenter.modality,
                     series_uid=derived_uid(model_hash, uid, "seg-series"),
-                    sop_uid=derived_uid(model_hash, *sorted(str(ds.get("SOPInstanceUID", "")) for ds in volume.source)),
-                    instance_number=len(result.instances),
+                    sop_uid=derived_uid(model_hash, *sorted(str(ds.get("SOPInstanceUID", "")) for ds in volume.source),
+                                        *([f"revision {revision}"] if revision else [])),
+                    instance_number=len(result.instances) + revision,
                 )
         except INPUT_ERRORS as exc:  # a bad volume: reported, the rest go on
             volume_result.error = first_line(exc)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .serve_node import HOST, Node, echo, series, wait_for
+from .serve_node import HOST, Node, echo, send, series, wait_for
 
 pytest.importorskip("pynetdicom")
 
@@ -247,3 +247,38 @@ def test_the_instance_limit_applies_to_the_decoded_size(node):
     status, comment = store(node, ds)
     assert status == 0xA700 and comment == "instance decodes to 2.0 MiB > 1.0 MiB limit", comment
     assert str(ds.SOPInstanceUID) not in spooled(node)
+
+
+def test_a_changed_instance_reopens_its_series_and_a_resend_does_not(tmp_path):
+    """Other pixels under a stored SOP Instance UID were acknowledged and ignored; now they give a
+    superseding SEG (new UID, higher InstanceNumber). The same bytes again change nothing."""
+    import numpy as np
+    import pydicom
+
+    from .runtime_artifacts import build_artifacts
+
+    model = build_artifacts(tmp_path.parent / "runtime-artifacts")["onnx"]
+    node = Node(model, tmp_path / "spool", "--series-timeout", "1").start()
+    try:
+        instances = series(2)
+        results = tmp_path / "spool" / "results" / str(instances[0].SeriesInstanceUID)
+
+        def segs(n: int) -> list:
+            return wait_for(lambda: len(list(results.glob("*.dcm"))) >= n and sorted(results.glob("*.dcm")),
+                            60, f"{n} SEG(s)")
+
+        assert send(instances, node.port) == [0, 0]
+        first = pydicom.dcmread(segs(1)[0])
+        assert send([instances[0]], node.port) == [0]  # a resend: the same bytes
+        time.sleep(3)
+        assert len(list(results.glob("*.dcm"))) == 1
+        changed = copy.deepcopy(instances[0])
+        changed.PixelData = np.ascontiguousarray(255 - changed.pixel_array).tobytes()
+        assert send([changed], node.port) == [0]
+        second = next(pydicom.dcmread(p) for p in segs(2) if pydicom.dcmread(p).SOPInstanceUID != first.SOPInstanceUID)
+        assert second.SeriesInstanceUID == first.SeriesInstanceUID
+        assert int(second.InstanceNumber) > int(first.InstanceNumber)
+        assert "changed (other bytes under its SOP Instance UID)" in node.log()
+        assert node.status()["counts"]["instances_changed"] == 1
+    finally:
+        node.stop()

@@ -104,7 +104,9 @@ class Worker(threading.Thread):
         self.status.segmenting = series_uid
         self.status.write(self.spool.counts())
         t0 = time.perf_counter()
-        result = segment_series(self.segmenter, paths, model_hash=self.hash, series_uid=series_uid)
+        revision = self.spool.revision(series_uid)  # read first: a change during segmentation re-opens it
+        result = segment_series(self.segmenter, paths, model_hash=self.hash, series_uid=series_uid,
+                                revision=revision)
         for ds in result.outputs:
             for d in self.destinations:
                 self.spool.queue(d.key, str(ds.SOPInstanceUID), ds)
@@ -112,7 +114,7 @@ class Worker(threading.Thread):
             for ds in result.outputs:
                 self.spool.keep_result(series_uid, str(ds.SOPInstanceUID), ds)
         outputs = [str(ds.SOPInstanceUID) for ds in result.outputs]
-        self.spool.mark_done(series_uid, result.instances, outputs, result.result)
+        self.spool.mark_done(series_uid, result.instances, outputs, result.result, revision)
         for sender in self.senders:
             sender.wake.set()
         self.status.segmenting = None

@@ -148,7 +148,8 @@ class StoreHandler:
                 raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
             # declared size, decodable, finite: read back from the spooled file a frame at a time
-            self.spool.store_instance(series, sop, data, check=lambda path: check_decodable(ds, label, source=path))
+            stored = self.spool.store_instance(series, sop, data,
+                                               check=lambda path: check_decodable(ds, label, source=path))
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
         except (EspmedError, ValueError) as exc:
@@ -156,6 +157,10 @@ class StoreHandler:
         except Exception as exc:  # noqa: BLE001 - a malformed data set raises anything on access
             why = f"malformed data set ({first_line(exc, with_type=True)})"
             return self._refuse(CANNOT_UNDERSTAND, calling, sop, why)
+        if stored == "changed":
+            self.status.add("instances_changed")
+            log.info("instance %s of series %s changed (other bytes under its SOP Instance UID): the series "
+                     "will be segmented again", sop, series)
         self.clock.touch(series)
         self.status.add("instances_received")
         return 0x0000

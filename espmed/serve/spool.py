@@ -1,6 +1,7 @@
 """The spool: everything the node has acknowledged or still has to send, on disk, written atomically.
 
     instances/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances, bytes as sent
+    instances/<SeriesInstanceUID>/.revision              times an instance was replaced by other bytes
     done/<SeriesInstanceUID>.json                        instances last segmented, and when
     outbox/<destination>/<SOPInstanceUID>.dcm            derived instances still to send
     outbox/<destination>/<SOPInstanceUID>.tries          failed attempts so far
@@ -8,8 +9,8 @@
     results/<SeriesInstanceUID>/<SOPInstanceUID>.dcm     outputs, when there is no destination
     status.json                                          see status.py
 
-A series is pending while its instance files differ from its done record, so a restart finds the
-work it was doing from the files alone. UIDs are file names only after `check_uid`.
+A series is pending while its instance files (or its revision) differ from its done record, so a
+restart finds the work it was doing from the files alone. UIDs are file names only after `check_uid`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 from ..atomic import atomic_path, write_text
 from ..errors import SpoolFull
 from ..io.dicom_seg import save_dicom
+
+#: Beside a series' instances: how many times one of them was replaced by other bytes.
+REVISION = ".revision"
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -58,18 +62,24 @@ class Spool:
         self._total = sum(self._series.values()) + derived
 
     # -- received instances ----------------------------------------------------------------------
-    def store_instance(self, series_uid: str, sop_uid: str, data: bytes | list, check=None) -> None:
+    def store_instance(self, series_uid: str, sop_uid: str, data: bytes | list, check=None) -> str:
         """Write one received instance atomically, within the limits (SpoolFull otherwise).
 
         data: its bytes, or a list of chunks written in turn (a received data set is not joined
         first). check: called with the written temporary file before it is published; whatever it
         raises refuses the instance (nothing is kept), e.g. decoding it frame by frame from disk.
+        Returns "new", "same" (a resend of the stored bytes: nothing written) or "changed" (other
+        bytes under a stored SOP Instance UID: written, and the series' revision bumped, so it is
+        segmented again).
         """
         path = self.root / "instances" / series_uid / f"{sop_uid}.dcm"
         chunks = data if isinstance(data, list) else [data]
         size = sum(len(c) for c in chunks)
+        existed = path.is_file()
+        if existed and _same_bytes(path, chunks, size):
+            return "same"
         with self._lock:
-            old = path.stat().st_size if path.is_file() else 0
+            old = path.stat().st_size if existed else 0
             grow = size - old
             series = self._series.get(series_uid, 0)
             if series + grow > self.series_limit:
@@ -93,6 +103,18 @@ class Spool:
                 self._series[series_uid] -= grow
                 self._total -= grow
             raise
+        if not existed:
+            return "new"
+        with self._lock:
+            write_text(path.with_name(REVISION), str(self.revision(series_uid) + 1))
+        return "changed"
+
+    def revision(self, series_uid: str) -> int:
+        """How many times a stored instance of the series was replaced by other bytes."""
+        try:
+            return int((self.root / "instances" / series_uid / REVISION).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return 0
 
     def instances(self, series_uid: str) -> list[Path]:
         return sorted((self.root / "instances" / series_uid).glob("*.dcm"))
@@ -109,12 +131,24 @@ class Spool:
         except (OSError, ValueError, KeyError, TypeError):
             return set()
 
-    def mark_done(self, series_uid: str, instance_uids: set[str], outputs: list[str], result: str) -> None:
-        record = {"instances": sorted(instance_uids), "outputs": outputs, "result": result, "time": time.time()}
+    def mark_done(self, series_uid: str, instance_uids: set[str], outputs: list[str], result: str,
+                  revision: int = 0) -> None:
+        record = {"instances": sorted(instance_uids), "outputs": outputs, "result": result, "time": time.time(),
+                  "revision": revision}
         write_text(self.root / "done" / f"{series_uid}.json", json.dumps(record, indent=1))
 
     def pending(self, series_uid: str) -> bool:
-        return {p.stem for p in self.instances(series_uid)} != self.done(series_uid)
+        """Whether the series' instances (or their bytes: its revision) differ from its done record."""
+        stems = {p.stem for p in self.instances(series_uid)}
+        if stems != self.done(series_uid):
+            return True
+        if not stems:
+            return False
+        try:
+            done = json.loads((self.root / "done" / f"{series_uid}.json").read_text(encoding="utf-8"))
+            return int(done.get("revision", 0)) != self.revision(series_uid)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return True
 
     def expire(self, keep_seconds: float) -> int:
         """Forget series segmented more than `keep_seconds` ago (their instances are kept until
@@ -204,3 +238,17 @@ def _folder_bytes(root: Path) -> int:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _same_bytes(path: Path, chunks: list, size: int) -> bool:
+    """Whether the file holds exactly these chunks (a resend), compared a block at a time."""
+    if path.stat().st_size != size:
+        return False
+    with open(path, "rb") as fh:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), 1 << 20):
+                block = view[start:start + (1 << 20)]
+                if fh.read(len(block)) != block:
+                    return False
+    return True

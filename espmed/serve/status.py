@@ -13,7 +13,7 @@ from ..atomic import write_text
 
 COUNTERS = (
     "associations", "associations_rejected", "connections_refused", "echoes", "instances_received",
-    "instances_refused",
+    "instances_changed", "instances_refused",
     "series_segmented", "series_failed", "frames_segmented", "sent", "send_failures", "dead_lettered",
 )
 #: How many recent errors the status file keeps.
