@@ -55,6 +55,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             os.fsync(fh.fileno())
 
 
+def publish(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move a finished file (on the same file system) to `path` atomically and durably, with the
+    mode a plain open() would give it: for files that arrive whole from elsewhere."""
+    source, final = Path(source), Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(source, 0o666 & ~_umask())
+    _fsync(source)
+    os.replace(source, final)
+    _fsync(final.parent)
+    return final
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)

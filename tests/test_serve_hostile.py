@@ -282,3 +282,18 @@ def test_a_changed_instance_reopens_its_series_and_a_resend_does_not(tmp_path):
         assert node.status()["counts"]["instances_changed"] == 1
     finally:
         node.stop()
+
+
+def test_a_transfer_far_over_the_limit_is_aborted_mid_way(node):
+    """8 MiB against the node's 1 MiB limit: cut off at 2 MiB, nothing kept, memory flat."""
+    import numpy as np
+
+    ds = copy.deepcopy(series(1)[0])
+    ds.Rows = ds.Columns = 2048
+    ds.PixelData = np.ones((2048, 2048), np.uint16).tobytes()
+    before = rss_mib(node.proc.pid)
+    assert send([ds], node.port) in (None, [None])  # no status: the association was aborted
+    assert str(ds.SOPInstanceUID) not in spooled(node)
+    assert rss_mib(node.proc.pid) - before < 20
+    assert "instance transfer passed twice the 1.0 MiB limit; association aborted" in node.log()
+    wait_for(lambda: not list((node.spool / "incoming").iterdir()), 10, "the partial transfer to be removed")

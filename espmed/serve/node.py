@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class ServeConfig:
 
 def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM / SIGINT (or `stop`); everything acknowledged is in the spool first."""
+    from pynetdicom import _config as pynetdicom_config
     from pynetdicom.sop_class import Verification
     from pynetdicom.transport import ThreadedAssociationServer
 
@@ -121,6 +123,14 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     limits = config.limits
     spool = Spool(config.spool, series_bytes=limits.series_bytes, spool_bytes=limits.spool_bytes,
                   min_free_bytes=limits.min_free_bytes)
+    swept = spool.sweep_incoming()  # transfers a crash cut off
+    if swept:
+        log.warning("removed %d unfinished transfer(s) from %s", swept, spool.incoming)
+    # pynetdicom writes each received data set to a temporary file as it arrives (not to memory),
+    # in the temp folder: the spool's incoming/, so that keeping it is a rename. Both settings are
+    # process-wide; the node is its own process.
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(spool.incoming)
     status = Status(spool.root / "status.json", {
         "ae_title": ae_title, "port": config.port, "model": segmenter.source.name,
         "destinations": [str(d) for d in config.destinations], "tls": ssl_context is not None,

@@ -20,6 +20,8 @@ from .status import Status
 log = logging.getLogger("espmed.serve")
 #: Seconds between sweeps for series past their retention.
 EXPIRE_EVERY = 60.0
+#: A received file not written to for this long belongs to a transfer that was cut off.
+INCOMING_STALE_S = 600.0
 
 
 class SeriesClock:
@@ -82,6 +84,7 @@ class Worker(threading.Thread):
             if time.monotonic() - self._expired_at > EXPIRE_EVERY:
                 self._expired_at = time.monotonic()
                 self.spool.expire(self.keep_seconds)
+                self.spool.sweep_incoming(older_than=INCOMING_STALE_S)
             self.status.waiting = len(self.clock)
             self.status.write(self.spool.counts(), force=False)
             self.stop.wait(0.1)

@@ -95,6 +95,7 @@ class StoreHandler:
         self.status = status
         self.instance_bytes = instance_bytes
         self.allow = allow or []
+        self._receiving: dict = {}  # association -> data-set bytes of the instance being received
 
     def handlers(self) -> list:
         from pynetdicom import evt
@@ -102,6 +103,7 @@ class StoreHandler:
         return [
             (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_ACCEPTED, self.on_accepted), (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_DATA_RECV, self.on_data), (evt.EVT_CONN_CLOSE, self.on_closed),
         ]
 
     def on_echo(self, event) -> int:
@@ -122,18 +124,51 @@ class StoreHandler:
         self.status.error(message)
         log.warning(message)
 
+    def on_data(self, event) -> None:
+        """Count each association's data-set bytes as they arrive (pynetdicom writes them to disk
+        before any C-STORE handler runs). An instance a little over the limit is received and
+        answered 0xA700 with the reason; one twice over aborts the association mid-transfer, so no
+        transfer can fill the disk."""
+        received = self._receiving.get(event.assoc, 0)
+        if received < 0:
+            return  # aborted: what still arrives before the socket closes is not counted again
+        for control, length in _pdv_items(event.data):
+            if not control & 1:  # a data-set fragment (bit 0 clear; set: command)
+                received += length
+        if received > 2 * self.instance_bytes:
+            self._receiving[event.assoc] = -1
+            who = event.assoc.requestor
+            why = f"instance transfer passed twice the {_size(self.instance_bytes)} limit; association aborted"
+            self.status.add("instances_refused")
+            self.status.error(f"C-STORE from {who.ae_title}@{who.address}: {why}")
+            log.warning("C-STORE from %s@%s: %s", who.ae_title, who.address, why)
+            # the file pynetdicom was writing the data set to (its message's, not public API)
+            partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
+            event.assoc.abort()
+            if event.assoc.dul.socket is not None:
+                event.assoc.dul.socket.close()  # stop the inflow now
+            if isinstance(partial, Path):
+                partial.unlink(missing_ok=True)
+            return
+        if any(control & 2 and not control & 1 for control, _ in _pdv_items(event.data)):
+            received = 0  # the last fragment of a data set: the next instance starts from zero
+        self._receiving[event.assoc] = received
+
+    def on_closed(self, event) -> None:
+        self._receiving.pop(event.assoc, None)
+
     def on_store(self, event):
         """Check, spool, then acknowledge; any refusal is a failure status whose comment leads with
         the reason (the log line also names the instance)."""
         calling = event.assoc.requestor.ae_title
         sop = repr(str(event.request.AffectedSOPInstanceUID)[:64])[1:-1]  # for the log until checked
         code = CANNOT_UNDERSTAND  # what a failure of the current step answers
+        received = event.dataset_path  # pynetdicom wrote the data set to <spool>/incoming as it came
         try:
-            data = _received(event)
-            size = sum(len(c) for c in data)
+            size = received.stat().st_size
             if size > self.instance_bytes:
                 raise SpoolFull(f"instance {_size(size)} > {_size(self.instance_bytes)} limit")
-            ds, has_pixels = _header(event)
+            ds, has_pixels = _header(received)
             sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
             if check_uid(event.request.AffectedSOPInstanceUID, "Affected SOP Instance UID") != sop:
                 raise ValueError("SOP Instance UID differs from the command's Affected SOP Instance UID")
@@ -147,9 +182,9 @@ class StoreHandler:
             if decoded_bytes(ds) > self.instance_bytes:
                 raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
-            # declared size, decodable, finite: read back from the spooled file a frame at a time
-            stored = self.spool.store_instance(series, sop, data,
-                                               check=lambda path: check_decodable(ds, label, source=path))
+            # declared size, decodable, finite: read from the received file a frame at a time
+            stored = self.spool.store_file(series, sop, received,
+                                           check=lambda path: check_decodable(ds, label, source=path))
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
         except (EspmedError, ValueError) as exc:
@@ -157,6 +192,8 @@ class StoreHandler:
         except Exception as exc:  # noqa: BLE001 - a malformed data set raises anything on access
             why = f"malformed data set ({first_line(exc, with_type=True)})"
             return self._refuse(CANNOT_UNDERSTAND, calling, sop, why)
+        finally:
+            received.unlink(missing_ok=True)  # moved into the spool, or refused
         if stored == "changed":
             self.status.add("instances_changed")
             log.info("instance %s of series %s changed (other bytes under its SOP Instance UID): the series "
@@ -179,19 +216,10 @@ class StoreHandler:
         return status
 
 
-def _received(event) -> list:
-    """The instance as received, as the chunks of its file (preamble and file meta, then the data set
-    as sent): pynetdicom's `encoded_dataset` would copy the data set twice to join them."""
-    from pynetdicom.dsutils import encode_file_meta
-
-    return [b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta), event.request.DataSet.getbuffer()]
-
-
-def _header(event) -> tuple:
-    """(the received data set up to its pixel data, with its file meta; whether pixel data follows),
-    parsed from the received bytes without copying the pixels (pynetdicom's `event.dataset`
-    decodes the whole data set)."""
-    from pydicom.filereader import read_dataset
+def _header(path: Path) -> tuple:
+    """(the received file's data set up to its pixel data, with its file meta; whether pixel data
+    follows): the pixels are neither read nor decoded here."""
+    from pydicom.filereader import read_partial
 
     found = []
 
@@ -201,12 +229,23 @@ def _header(event) -> tuple:
             return True
         return False
 
-    syntax = event.context.transfer_syntax
-    stream = event.request.DataSet
-    stream.seek(0)
-    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=at_pixels)
-    ds.file_meta = event.file_meta
+    with open(path, "rb") as fh:
+        ds = read_partial(fh, stop_when=at_pixels)
     return ds, bool(found)
+
+
+def _pdv_items(pdu: bytes):
+    """(message control header, fragment length) of each PDV item of a P-DATA-TF PDU (PS3.8 9.3.5);
+    nothing for other PDU types."""
+    if pdu[:1] != b"\x04":
+        return
+    offset = 6
+    while offset + 6 <= len(pdu):
+        item_length = int.from_bytes(pdu[offset:offset + 4], "big")
+        if item_length < 2:
+            return
+        yield pdu[offset + 5], item_length - 2
+        offset += 4 + item_length
 
 
 #: (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data, (7FE0,0010) Pixel Data.

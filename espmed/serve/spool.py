@@ -1,5 +1,6 @@
 """The spool: everything the node has acknowledged or still has to send, on disk, written atomically.
 
+    incoming/<random>.dcm                                instances being received (pynetdicom writes here)
     instances/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances, bytes as sent
     instances/<SeriesInstanceUID>/.revision              times an instance was replaced by other bytes
     done/<SeriesInstanceUID>.json                        instances last segmented, and when
@@ -15,15 +16,18 @@ restart finds the work it was doing from the files alone. UIDs are file names on
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import json
 import os
 import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
-from ..atomic import atomic_path, write_text
+from ..atomic import publish, write_bytes, write_text
 from ..errors import SpoolFull
 from ..io.dicom_seg import save_dicom
 
@@ -51,8 +55,9 @@ class Spool:
         self.series_limit = series_bytes
         self.spool_limit = spool_bytes
         self.min_free = min_free_bytes
-        for sub in ("instances", "done", "outbox", "dead"):
+        for sub in ("incoming", "instances", "done", "outbox", "dead"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / "incoming"
         self._lock = threading.Lock()
         self._series: dict[str, int] = {}
         for folder in (self.root / "instances").iterdir():
@@ -62,52 +67,68 @@ class Spool:
         self._total = sum(self._series.values()) + derived
 
     # -- received instances ----------------------------------------------------------------------
-    def store_instance(self, series_uid: str, sop_uid: str, data: bytes | list, check=None) -> str:
-        """Write one received instance atomically, within the limits (SpoolFull otherwise).
+    def store_instance(self, series_uid: str, sop_uid: str, data: bytes, check=None) -> str:
+        """`store_file` for an instance held in memory."""
+        incoming = self.incoming / f"{uuid.uuid4().hex}.dcm"
+        write_bytes(incoming, data)
+        return self.store_file(series_uid, sop_uid, incoming, check)
 
-        data: its bytes, or a list of chunks written in turn (a received data set is not joined
-        first). check: called with the written temporary file before it is published; whatever it
-        raises refuses the instance (nothing is kept), e.g. decoding it frame by frame from disk.
-        Returns "new", "same" (a resend of the stored bytes: nothing written) or "changed" (other
-        bytes under a stored SOP Instance UID: written, and the series' revision bumped, so it is
-        segmented again).
+    def store_file(self, series_uid: str, sop_uid: str, source: Path, check=None) -> str:
+        """Move one received instance (a file under `incoming/`, which is always consumed) into the
+        spool, within the limits (SpoolFull otherwise).
+
+        check: called with the file before it is published; whatever it raises refuses the instance
+        (nothing is kept), e.g. decoding it frame by frame. Returns "new", "same" (a resend of the
+        stored bytes: nothing changes) or "changed" (other bytes under a stored SOP Instance UID:
+        published, and the series' revision bumped, so it is segmented again).
         """
         path = self.root / "instances" / series_uid / f"{sop_uid}.dcm"
-        chunks = data if isinstance(data, list) else [data]
-        size = sum(len(c) for c in chunks)
-        existed = path.is_file()
-        if existed and _same_bytes(path, chunks, size):
-            return "same"
-        with self._lock:
-            old = path.stat().st_size if existed else 0
-            grow = size - old
-            series = self._series.get(series_uid, 0)
-            if series + grow > self.series_limit:
-                raise SpoolFull(f"series {series_uid} would exceed the {_gib(self.series_limit)} per-series limit")
-            if self._total + grow > self.spool_limit:
-                raise SpoolFull(f"spool would exceed its {_gib(self.spool_limit)} limit")
-            free = shutil.disk_usage(self.root).free
-            if free - size < self.min_free:
-                raise SpoolFull(f"disk free {_gib(free)} is at the {_gib(self.min_free)} floor")
-            self._series[series_uid] = series + grow
-            self._total += grow
+        source = Path(source)
         try:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    for chunk in chunks:
-                        fh.write(chunk)
-                if check is not None:
-                    check(tmp)
-        except BaseException:
+            size = source.stat().st_size
+            existed = path.is_file()
+            if existed and filecmp.cmp(source, path, shallow=False):
+                return "same"
             with self._lock:
-                self._series[series_uid] -= grow
-                self._total -= grow
-            raise
+                old = path.stat().st_size if existed else 0
+                grow = size - old
+                series = self._series.get(series_uid, 0)
+                if series + grow > self.series_limit:
+                    raise SpoolFull(f"series {series_uid} would exceed the {_gib(self.series_limit)} per-series limit")
+                if self._total + grow > self.spool_limit:
+                    raise SpoolFull(f"spool would exceed its {_gib(self.spool_limit)} limit")
+                free = shutil.disk_usage(self.root).free
+                if free < self.min_free:
+                    raise SpoolFull(f"disk free {_gib(free)} is at the {_gib(self.min_free)} floor")
+                self._series[series_uid] = series + grow
+                self._total += grow
+            try:
+                if check is not None:
+                    check(source)
+                publish(source, path)
+            except BaseException:
+                with self._lock:
+                    self._series[series_uid] -= grow
+                    self._total -= grow
+                raise
+        finally:
+            source.unlink(missing_ok=True)
         if not existed:
             return "new"
         with self._lock:
             write_text(path.with_name(REVISION), str(self.revision(series_uid) + 1))
         return "changed"
+
+    def sweep_incoming(self, older_than: float = 0.0) -> int:
+        """Remove received files never moved into the spool (a transfer cut off or aborted, a crash)
+        that are older than `older_than` seconds. Returns how many."""
+        removed = 0
+        for path in self.incoming.glob("*"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def revision(self, series_uid: str) -> int:
         """How many times a stored instance of the series was replaced by other bytes."""
@@ -239,16 +260,3 @@ def _folder_bytes(root: Path) -> int:
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
-
-def _same_bytes(path: Path, chunks: list, size: int) -> bool:
-    """Whether the file holds exactly these chunks (a resend), compared a block at a time."""
-    if path.stat().st_size != size:
-        return False
-    with open(path, "rb") as fh:
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            for start in range(0, len(view), 1 << 20):
-                block = view[start:start + (1 << 20)]
-                if fh.read(len(block)) != block:
-                    return False
-    return True
