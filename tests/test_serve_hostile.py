@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import socket
 import threading
 import time
@@ -297,3 +298,53 @@ def test_a_transfer_far_over_the_limit_is_aborted_mid_way(node):
     assert rss_mib(node.proc.pid) - before < 20
     assert "instance transfer passed twice the 1.0 MiB limit; association aborted" in node.log()
     wait_for(lambda: not list((node.spool / "incoming").iterdir()), 10, "the partial transfer to be removed")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed: no test certificate")
+def test_results_go_to_a_tls_destination_that_is_verified(tmp_path):
+    """tls://AET@HOST:PORT: the destination's certificate is checked (against --destination-ca), the
+    node presents its client certificate; without the CA the SEG is not sent to an unverified peer."""
+    import ssl
+    import subprocess
+
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
+    from pynetdicom import AE, evt
+
+    from .runtime_artifacts import build_artifacts
+    from .serve_node import free_port
+
+    for name in ("dest", "node"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem")],
+                       check=True, capture_output=True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(str(tmp_path / "dest.pem"), str(tmp_path / "dest.key"))
+    server_tls.load_verify_locations(str(tmp_path / "node.pem"))
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # the destination wants the node's certificate
+    received = []
+    dest = AE(ae_title="DEST")
+    dest.add_supported_context(SegmentationStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = dest.start_server((HOST, port), block=False, ssl_context=server_tls,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset) or 0)])
+    model = build_artifacts(tmp_path.parent / "runtime-artifacts")["onnx"]
+    try:
+        node = Node(model, tmp_path / "spool", "--series-timeout", "0.5", "--retry-seconds", "0.5",
+                    "--destination", f"tls://DEST@127.0.0.1:{port}", "--destination-ca", str(tmp_path / "dest.pem"),
+                    "--destination-cert", str(tmp_path / "node.pem"),
+                    "--destination-key", str(tmp_path / "node.key")).start()
+        instances = series(2)
+        assert send(instances, node.port) == [0, 0]
+        wait_for(lambda: received, 60, "the SEG over TLS")
+        assert str(received[0].SOPClassUID) == SegmentationStorage
+        node.stop()
+
+        untrusted = Node(model, tmp_path / "spool2", "--series-timeout", "0.5", "--retry-seconds", "0.5",
+                         "--destination", f"tls://DEST@127.0.0.1:{port}").start()  # system CAs only
+        assert send(series(1), untrusted.port) == [0]
+        wait_for(lambda: untrusted.status().get("counts", {}).get("send_failures", 0) >= 1, 60, "a refused send")
+        untrusted.stop()
+        assert len(received) == 1 and "certificate not trusted?" in untrusted.log()
+    finally:
+        server.shutdown()

@@ -20,8 +20,8 @@ PORT = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen 
 HOST = typer.Option("0.0.0.0", "--host", help="Address to listen on.")
 DESTINATION = typer.Option(
     [], "--destination", "-d",
-    help="Where results go by C-STORE, AET@HOST:PORT (repeatable). Without one, each SEG is kept in "
-    "<spool>/results/<SeriesInstanceUID>/.",
+    help="Where results go by C-STORE, AET@HOST:PORT or tls://AET@HOST:PORT (repeatable). Without one, each "
+    "SEG is kept in <spool>/results/<SeriesInstanceUID>/.",
 )
 ALLOW = typer.Option([], "--allow", help="Calling AE titles allowed to connect (repeatable; default anyone).")
 SPOOL = typer.Option(
@@ -50,6 +50,12 @@ MAX_NEGOTIATING_PER_ADDRESS = typer.Option(
 TLS_CERT = typer.Option(None, "--tls-cert", help="Server certificate (PEM): accept TLS only.")
 TLS_KEY = typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM).")
 TLS_CA = typer.Option(None, "--tls-ca", help="CA bundle: require client certificates it signed.")
+DESTINATION_CA = typer.Option(
+    None, "--destination-ca", help="CA bundle (PEM) that tls:// destinations' certificates must chain to "
+    "(default: the system's CAs; verification is always on).",
+)
+DESTINATION_CERT = typer.Option(None, "--destination-cert", help="Client certificate (PEM) for tls:// destinations.")
+DESTINATION_KEY = typer.Option(None, "--destination-key", help="Private key of --destination-cert (PEM).")
 MAX_INSTANCE_GIB = typer.Option(
     _DEFAULTS.instance_bytes / GIB, "--max-instance-gib",
     help="Largest instance accepted, GiB.",
@@ -92,6 +98,9 @@ def register(app: typer.Typer) -> None:
         tls_cert: Path | None = TLS_CERT,
         tls_key: Path | None = TLS_KEY,
         tls_ca: Path | None = TLS_CA,
+        destination_ca: Path | None = DESTINATION_CA,
+        destination_cert: Path | None = DESTINATION_CERT,
+        destination_key: Path | None = DESTINATION_KEY,
         max_instance_gib: float = MAX_INSTANCE_GIB,
         max_series_gib: float = MAX_SERIES_GIB,
         max_spool_gib: float = MAX_SPOOL_GIB,
@@ -128,7 +137,8 @@ def register(app: typer.Typer) -> None:
             model=model, spool=spool, ae_title=ae_title, host=host, port=port,
             destinations=[Destination.parse(d) for d in destination], allow=list(allow),
             series_timeout=series_timeout, max_associations=max_associations,
-            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, limits=limits, send_tries=send_tries,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, destination_ca=destination_ca,
+            destination_cert=destination_cert, destination_key=destination_key, limits=limits, send_tries=send_tries,
             retry_seconds=retry_seconds, keep_hours=keep_hours, device=device, threads=threads,
             guard=GuardLimits(handshake_seconds=handshake_seconds, unnegotiated=max_negotiating,
                               per_address=max_negotiating_per_address),

@@ -27,27 +27,31 @@ def check_ae_title(title: str) -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE destination, written AET@HOST:PORT."""
+    """A C-STORE destination, written AET@HOST:PORT, or tls://AET@HOST:PORT for DICOM over TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        aet, at, address = text.partition("@")
+        tls = text.lower().startswith("tls://")
+        aet, at, address = text[len("tls://"):].partition("@") if tls else text.partition("@")
         host, colon, port = address.rpartition(":")
         if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise EspmedError(f"destination {text!r}: expected AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
-        return cls(check_ae_title(aet), host.strip("[]"), int(port))
+            raise EspmedError(
+                f"destination {text!r}: expected AET@HOST:PORT or tls://AET@HOST:PORT, e.g. PACS@10.0.0.5:104"
+            )
+        return cls(check_ae_title(aet), host.strip("[]"), int(port), tls)
 
     @property
     def key(self) -> str:
         """The destination's folder name in the spool."""
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.ae_title}@{self.host}_{self.port}")
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{'tls-' if self.tls else ''}{self.ae_title}@{self.host}_{self.port}")
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{'tls://' if self.tls else ''}{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    destination_ca: Path | None = None  # CA bundle to verify tls:// destinations (else the system's)
+    destination_cert: Path | None = None  # client certificate for tls:// destinations that ask for one
+    destination_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
     guard: GuardLimits = field(default_factory=GuardLimits)
     send_tries: int = 10
@@ -107,7 +114,7 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     from .guard import ConnectionGuard, GuardedRequestHandler, NodeAE
     from .scheduler import SeriesClock, Worker
     from .sender import Retry, Sender
-    from .server import StoreHandler, accepted_syntaxes, storage_classes, tls_context
+    from .server import StoreHandler, accepted_syntaxes, destination_tls, storage_classes, tls_context
     from .spool import Spool
     from .status import Status
 
@@ -118,6 +125,7 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     ae_title = check_ae_title(config.ae_title)
     allow = [check_ae_title(a) for a in config.allow]
     ssl_context = tls_context(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_cert else None
+    client_tls = destination_tls(config)
     stop = stop or threading.Event()
     segmenter = load(config.model, device=config.device, threads=config.threads)
     limits = config.limits
@@ -137,8 +145,8 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     })
     clock = SeriesClock(config.series_timeout)
     retry = Retry(tries=config.send_tries, base=config.retry_seconds)
-    senders = [Sender(destination=d, spool=spool, status=status, calling_aet=ae_title, retry=retry, stop=stop)
-               for d in config.destinations]
+    senders = [Sender(destination=d, spool=spool, status=status, calling_aet=ae_title, retry=retry, stop=stop,
+                      tls=client_tls if d.tls else None) for d in config.destinations]
     worker = Worker(segmenter=segmenter, spool=spool, clock=clock, status=status, senders=senders,
                     destinations=config.destinations, keep_seconds=config.keep_hours * 3600, stop=stop)
     resumed = worker.resume()

@@ -48,7 +48,7 @@ class Sender(threading.Thread):
     """Sends one destination's outbox until `stop` is set; `wake` to look at the outbox now."""
 
     def __init__(self, *, destination, spool: Spool, status: Status, calling_aet: str, retry: Retry,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, tls=None) -> None:
         super().__init__(name=f"send-{destination.key}", daemon=True)
         self.destination = destination
         self.spool = spool
@@ -57,6 +57,7 @@ class Sender(threading.Thread):
         self.retry = retry
         self.stop = stop
         self.wake = threading.Event()
+        self.tls = tls  # ssl.SSLContext for a tls:// destination
         self._not_before: dict[str, float] = {}
 
     def run(self) -> None:
@@ -82,9 +83,12 @@ class Sender(threading.Thread):
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for uid in SENT_CLASSES:
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title,
+                             tls_args=(self.tls, d.host) if self.tls is not None else None)
         if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
+            down = "no TLS association (destination down, or its certificate not trusted?)" if self.tls else \
+                "no association (destination down?)"
+            why = "association rejected" if assoc.is_rejected else down
             for item in items:
                 self._failed(item, why)
             return

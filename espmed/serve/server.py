@@ -85,6 +85,27 @@ def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
     return context
 
 
+def destination_tls(config) -> ssl.SSLContext | None:
+    """The client TLS context for tls:// destinations: the server's certificate is verified (against
+    `destination_ca`, else the system's CAs) and its name checked; a client certificate is
+    presented when given. None when no destination uses TLS."""
+    given = [p for p in (config.destination_ca, config.destination_cert, config.destination_key) if p]
+    if not any(d.tls for d in config.destinations):
+        if given:
+            raise EspmedError("--destination-ca/--destination-cert/--destination-key need a tls:// destination")
+        return None
+    if bool(config.destination_cert) != bool(config.destination_key):
+        raise EspmedError("--destination-cert and --destination-key go together")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.destination_ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if config.destination_cert:
+            context.load_cert_chain(certfile=str(config.destination_cert), keyfile=str(config.destination_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise EspmedError(f"TLS to destinations: cannot load {', '.join(map(str, given))} ({exc})") from None
+    return context
+
+
 class StoreHandler:
     """The C-STORE / C-ECHO / association event handlers over one spool."""
 
