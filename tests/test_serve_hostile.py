@@ -348,3 +348,22 @@ def test_results_go_to_a_tls_destination_that_is_verified(tmp_path):
         assert len(received) == 1 and "certificate not trusted?" in untrusted.log()
     finally:
         server.shutdown()
+
+
+def test_outputs_are_reserved_so_the_spool_limit_holds(tmp_path):
+    """A 1 MiB spool used to hold 1.63 MB of .dcm (outputs were counted, not reserved)."""
+    from .runtime_artifacts import build_artifacts
+
+    model = build_artifacts(tmp_path.parent / "runtime-artifacts")["onnx"]
+    node = Node(model, tmp_path / "spool", "--series-timeout", "1", "--max-spool-gib", str(1 / 1024)).start()
+    try:
+        instances = series(30)  # 30 x ~39 kB
+        statuses = send(instances, node.port)
+        accepted = [ds for ds, s in zip(instances, statuses, strict=True) if s == 0]
+        assert 0 < len(accepted) < 30 and set(statuses) == {0, 0xA700}
+        results = tmp_path / "spool" / "results" / str(instances[0].SeriesInstanceUID)
+        wait_for(lambda: list(results.glob("*.dcm")), 60, "the SEG")
+        held = sum(p.stat().st_size for p in (tmp_path / "spool").rglob("*.dcm"))
+        assert held <= 2**20, held
+    finally:
+        node.stop()

@@ -70,7 +70,7 @@ class GuardLimits:
 
     handshake_seconds: float = 10.0  # closed if not negotiated by then, whatever they send
     unnegotiated: int = 16  # negotiating at once, all peers (beside --max-associations)
-    per_address: int = 4  # negotiating at once from one peer address
+    per_address: int = 8  # negotiating at once from one peer address (a router may carry several scanners)
     pre_association_pdu: int = 64 * 1024  # largest PDU before negotiation (an A-ASSOCIATE-RQ is a few kB)
 
 
@@ -165,7 +165,7 @@ def run(config: ServeConfig, stop: threading.Event | None = None) -> None:
     for uid in storage_classes():
         ae.add_supported_context(uid, syntaxes)
     handler = StoreHandler(spool=spool, clock=clock, status=status, instance_bytes=limits.instance_bytes,
-                           allow=allow)
+                           allow=allow, output_copies=max(1, len(config.destinations)))
     try:
         server = ae.make_server((config.host, config.port), ssl_context=ssl_context, evt_handlers=handler.handlers(),
                                 server_class=ThreadedAssociationServer, request_handler=GuardedRequestHandler)

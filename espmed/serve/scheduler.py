@@ -118,6 +118,7 @@ class Worker(threading.Thread):
                 self.spool.keep_result(series_uid, str(ds.SOPInstanceUID), ds)
         outputs = [str(ds.SOPInstanceUID) for ds in result.outputs]
         self.spool.mark_done(series_uid, result.instances, outputs, result.result, revision)
+        self.spool.release(series_uid)
         for sender in self.senders:
             sender.wake.set()
         self.status.segmenting = None

@@ -110,12 +110,13 @@ class StoreHandler:
     """The C-STORE / C-ECHO / association event handlers over one spool."""
 
     def __init__(self, *, spool: Spool, clock: SeriesClock, status: Status, instance_bytes: int,
-                 allow: list[str] | None = None) -> None:
+                 allow: list[str] | None = None, output_copies: int = 1) -> None:
         self.spool = spool
         self.clock = clock
         self.status = status
         self.instance_bytes = instance_bytes
         self.allow = allow or []
+        self.output_copies = output_copies  # one per destination's outbox, or the one in results/
         self._receiving: dict = {}  # association -> data-set bytes of the instance being received
 
     def handlers(self) -> list:
@@ -204,7 +205,7 @@ class StoreHandler:
                 raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
             # declared size, decodable, finite: read from the received file a frame at a time
-            stored = self.spool.store_file(series, sop, received,
+            stored = self.spool.store_file(series, sop, received, reserve=self.output_copies * output_bytes(ds),
                                            check=lambda path: check_decodable(ds, label, source=path))
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
@@ -253,6 +254,14 @@ def _header(path: Path) -> tuple:
     with open(path, "rb") as fh:
         ds = read_partial(fh, stop_when=at_pixels)
     return ds, bool(found)
+
+
+def output_bytes(ds) -> int:
+    """What one instance adds to its series' SEG: one bit per pixel per frame, plus its share of the
+    SEG's attributes (a margin for the per-frame functional groups)."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return frames * ((rows * cols + 7) // 8 + 1024) + 4096
 
 
 def _pdv_items(pdu: bytes):

@@ -59,6 +59,7 @@ class Spool:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.incoming = self.root / "incoming"
         self._lock = threading.Lock()
+        self._reserved: dict[str, int] = {}  # bytes set aside for outputs not yet written, per series
         self._series: dict[str, int] = {}
         for folder in (self.root / "instances").iterdir():
             if folder.is_dir():
@@ -73,14 +74,16 @@ class Spool:
         write_bytes(incoming, data)
         return self.store_file(series_uid, sop_uid, incoming, check)
 
-    def store_file(self, series_uid: str, sop_uid: str, source: Path, check=None) -> str:
+    def store_file(self, series_uid: str, sop_uid: str, source: Path, check=None, reserve: int = 0) -> str:
         """Move one received instance (a file under `incoming/`, which is always consumed) into the
         spool, within the limits (SpoolFull otherwise).
 
         check: called with the file before it is published; whatever it raises refuses the instance
         (nothing is kept), e.g. decoding it frame by frame. Returns "new", "same" (a resend of the
         stored bytes: nothing changes) or "changed" (other bytes under a stored SOP Instance UID:
-        published, and the series' revision bumped, so it is segmented again).
+        published, and the series' revision bumped, so it is segmented again). reserve: bytes set
+        aside for the outputs the instance will give (counted against the spool limit until the
+        series' outputs are written and `release` is called), so outputs never overrun the limit.
         """
         path = self.root / "instances" / series_uid / f"{sop_uid}.dcm"
         source = Path(source)
@@ -95,13 +98,14 @@ class Spool:
                 series = self._series.get(series_uid, 0)
                 if series + grow > self.series_limit:
                     raise SpoolFull(f"series {series_uid} would exceed the {_gib(self.series_limit)} per-series limit")
-                if self._total + grow > self.spool_limit:
+                if self._total + grow + reserve > self.spool_limit:
                     raise SpoolFull(f"spool would exceed its {_gib(self.spool_limit)} limit")
                 free = shutil.disk_usage(self.root).free
                 if free < self.min_free:
                     raise SpoolFull(f"disk free {_gib(free)} is at the {_gib(self.min_free)} floor")
                 self._series[series_uid] = series + grow
-                self._total += grow
+                self._reserved[series_uid] = self._reserved.get(series_uid, 0) + reserve
+                self._total += grow + reserve
             try:
                 if check is not None:
                     check(source)
@@ -109,7 +113,8 @@ class Spool:
             except BaseException:
                 with self._lock:
                     self._series[series_uid] -= grow
-                    self._total -= grow
+                    self._reserved[series_uid] -= reserve
+                    self._total -= grow + reserve
                 raise
         finally:
             source.unlink(missing_ok=True)
@@ -129,6 +134,11 @@ class Spool:
                     path.unlink()
                     removed += 1
         return removed
+
+    def release(self, series_uid: str) -> None:
+        """The series' outputs are written (and counted as files): drop what was set aside for them."""
+        with self._lock:
+            self._total -= self._reserved.pop(series_uid, 0)
 
     def revision(self, series_uid: str) -> int:
         """How many times a stored instance of the series was replaced by other bytes."""
@@ -186,7 +196,7 @@ class Spool:
             with self._lock:
                 shutil.rmtree(self.root / "instances" / uid, ignore_errors=True)
                 record.unlink(missing_ok=True)
-                self._total -= self._series.pop(uid, 0)
+                self._total -= self._series.pop(uid, 0) + self._reserved.pop(uid, 0)
             removed += 1
         return removed
 
