@@ -367,3 +367,21 @@ def test_outputs_are_reserved_so_the_spool_limit_holds(tmp_path):
         assert held <= 2**20, held
     finally:
         node.stop()
+
+
+def test_patient_and_study_attributes_are_copied_only_when_valid():
+    """A sender's oversized or malformed Type 2 attributes are emptied in what the node writes."""
+    import numpy as np
+
+    from espmed.io.dicom_seg import copied_value, dicom_results
+
+    ds = copy.deepcopy(series(1)[0])
+    ds.PatientID = "x" * 300  # LO: 64 characters at most
+    ds.StudyDate = "2020-01-01"  # DA: YYYYMMDD
+    ds.PatientName = "Doe^Jane"
+    assert copied_value(ds, "PatientID") == "" and copied_value(ds, "StudyDate") == ""
+    assert copied_value(ds, "PatientName") == "Doe^Jane"
+    frame = ds.pixel_array.astype(np.uint8)
+    (seg,), note = dicom_results([ds], [frame], [frame > 100])
+    assert note is None and seg.PatientID == "" and seg.StudyDate == "" and seg.PatientName == "Doe^Jane"
+    assert ds.PatientID == "x" * 300  # the source itself is left as it is

@@ -257,12 +257,12 @@ def _window(ds) -> tuple[float | None, float]:
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None, 0.0
     center, width = ds.WindowCenter, ds.WindowWidth
-    center = float(center[0] if _is_multi(center) else center)
-    width = float(width[0] if _is_multi(width) else width)
+    center = float(center[0] if is_multi_value(center) else center)
+    width = float(width[0] if is_multi_value(width) else width)
     return (center, width) if width >= 1 else (None, 0.0)
 
 
-def _is_multi(value) -> bool:
+def is_multi_value(value) -> bool:
     return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
 
 

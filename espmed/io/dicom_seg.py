@@ -15,6 +15,7 @@ from .. import __version__
 from ..atomic import atomic_open
 from ..errors import ImageReadError, first_line
 from .common import to_rgb_uint8
+from .dicom import is_multi_value
 from .writers import overlay
 
 
@@ -59,7 +60,7 @@ def _segmentation(sources, masks, *, label, modality_name, series_uid, sop_uid, 
     with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
         warnings.simplefilter("ignore", UserWarning)
         return hd.seg.Segmentation(
-            source_images=list(sources),
+            source_images=_valid_copies(sources),
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
@@ -148,6 +149,48 @@ SC_COPIED = (
 )
 
 
+def copied_value(source, keyword: str):
+    """A source attribute as a derived instance may copy it: its value when valid for its VR (each
+    value of a multi-valued one), else empty (these are Type 2), so a sender's oversized or
+    malformed patient and study attributes do not travel into what the node writes."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import validate_value
+
+    value = source.get(keyword, "")
+    if value in ("", None):
+        return ""
+    vr = dictionary_VR(keyword)
+    values = value if is_multi_value(value) else [value]
+    try:
+        for v in values:
+            validate_value(vr, v, config.RAISE)
+    except (ValueError, TypeError):
+        return ""
+    return value
+
+
+def _valid_copies(sources) -> list:
+    """The sources with invalid patient and study attributes (`copied_value`) emptied, on copies:
+    highdicom copies those attributes into the SEG."""
+    from pydicom.dataset import Dataset
+
+    cleaned = []
+    for ds in sources:
+        bad = [k for k in SC_COPIED if k in ds and k != "StudyInstanceUID" and copied_value(ds, k) != ds.get(k)]
+        if bad:
+            copy = Dataset()
+            copy.update(ds)  # a new element dict: the source keeps its values
+            if hasattr(ds, "file_meta"):
+                copy.file_meta = ds.file_meta
+            for keyword in bad:
+                delattr(copy, keyword)  # the element object is shared with the source: a new one
+                setattr(copy, keyword, "")
+            ds = copy
+        cleaned.append(ds)
+    return cleaned
+
+
 def overlay_secondary_captures(
     sources, frames, masks, *, series_uid: str | None = None, sop_uid: str | None = None
 ) -> list:
@@ -169,7 +212,7 @@ def overlay_secondary_captures(
         rgb = overlay(to_rgb_uint8(frame), mask)
         ds = Dataset()
         for keyword in SC_COPIED:
-            setattr(ds, keyword, source.get(keyword, ""))
+            setattr(ds, keyword, copied_value(source, keyword))
         ds.SOPClassUID = SecondaryCaptureImageStorage
         ds.SOPInstanceUID = derived_uid(sop_uid, str(n)) if sop_uid else generate_uid()
         ds.Modality = source.get("Modality", "") or "OT"
