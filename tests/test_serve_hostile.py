@@ -17,7 +17,7 @@ from .serve_node import HOST, Node, echo, send, series, wait_for
 
 pytest.importorskip("pynetdicom")
 #: The tests write invalid values on purpose; pydicom warns about each one.
-pytestmark = pytest.mark.filterwarnings("ignore:.*Invalid value for VR:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom.valuerep")
 
 
 @pytest.fixture(scope="module")
