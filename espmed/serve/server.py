@@ -32,7 +32,7 @@ from pydicom.uid import (
 )
 
 from ..errors import EspmedError, SpoolFull, first_line
-from ..io.dicom import check_decodable, check_image_instance, decoded_bytes, is_image_storage
+from ..io.dicom import check_decodable, check_image_instance, decoded_bytes, frame_size, is_image_storage
 from .scheduler import SeriesClock
 from .spool import Spool, check_uid
 from .status import Status
@@ -154,9 +154,11 @@ class StoreHandler:
         received = self._receiving.get(event.assoc, 0)
         if received < 0:
             return  # aborted: what still arrives before the socket closes is not counted again
+        last = False
         for control, length in _pdv_items(event.data):
             if not control & 1:  # a data-set fragment (bit 0 clear; set: command)
                 received += length
+                last = last or bool(control & 2)  # bit 1: the data set's last fragment
         if received > 2 * self.instance_bytes:
             self._receiving[event.assoc] = -1
             who = event.assoc.requestor
@@ -172,9 +174,7 @@ class StoreHandler:
             if isinstance(partial, Path):
                 partial.unlink(missing_ok=True)
             return
-        if any(control & 2 and not control & 1 for control, _ in _pdv_items(event.data)):
-            received = 0  # the last fragment of a data set: the next instance starts from zero
-        self._receiving[event.assoc] = received
+        self._receiving[event.assoc] = 0 if last else received  # the next instance starts from zero
 
     def on_closed(self, event) -> None:
         self._receiving.pop(event.assoc, None)
@@ -201,8 +201,9 @@ class StoreHandler:
             label = Path(f"{calling}:{sop}")
             code = NOT_AN_IMAGE
             check_image_instance(ds, label, has_pixels=has_pixels)
-            if decoded_bytes(ds) > self.instance_bytes:
-                raise SpoolFull(f"instance decodes to {_size(decoded_bytes(ds))} > {_size(self.instance_bytes)} limit")
+            decoded = decoded_bytes(ds)
+            if decoded > self.instance_bytes:
+                raise SpoolFull(f"instance decodes to {_size(decoded)} > {_size(self.instance_bytes)} limit")
             code = CANNOT_UNDERSTAND
             # declared size, decodable, finite: read from the received file a frame at a time
             stored = self.spool.store_file(series, sop, received, reserve=self.output_copies * output_bytes(ds),
@@ -247,7 +248,7 @@ def _header(path: Path) -> tuple:
 
     def at_pixels(tag, vr, length) -> bool:
         if int(tag) in _PIXEL_TAGS:
-            found.append(length)
+            found.append(tag)
             return True
         return False
 
@@ -259,7 +260,7 @@ def _header(path: Path) -> tuple:
 def output_bytes(ds) -> int:
     """What one instance adds to its series' SEG: one bit per pixel per frame, plus its share of the
     SEG's attributes (a margin for the per-frame functional groups)."""
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, cols = frame_size(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     return frames * ((rows * cols + 7) // 8 + 1024) + 4096
 

@@ -156,11 +156,17 @@ class Spool:
     # -- done records ----------------------------------------------------------------------------
     def done(self, series_uid: str) -> set[str]:
         """SOP Instance UIDs covered by the last segmentation of the series."""
+        return set(self._done_record(series_uid).get("instances", ()))
+
+    def _done_record(self, series_uid: str) -> dict:
+        """The series' done record ({} when there is none or it cannot be read)."""
         path = self.root / "done" / f"{series_uid}.json"
         try:
-            return set(json.loads(path.read_text(encoding="utf-8"))["instances"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()
+            record = json.loads(path.read_text(encoding="utf-8"))
+            instances = record.get("instances") if isinstance(record, dict) else None
+            return record if isinstance(instances, list) and all(isinstance(u, str) for u in instances) else {}
+        except (OSError, ValueError):
+            return {}
 
     def mark_done(self, series_uid: str, instance_uids: set[str], outputs: list[str], result: str,
                   revision: int = 0) -> None:
@@ -171,14 +177,14 @@ class Spool:
     def pending(self, series_uid: str) -> bool:
         """Whether the series' instances (or their bytes: its revision) differ from its done record."""
         stems = {p.stem for p in self.instances(series_uid)}
-        if stems != self.done(series_uid):
+        record = self._done_record(series_uid)
+        if stems != set(record.get("instances", ())):
             return True
         if not stems:
             return False
         try:
-            done = json.loads((self.root / "done" / f"{series_uid}.json").read_text(encoding="utf-8"))
-            return int(done.get("revision", 0)) != self.revision(series_uid)
-        except (OSError, ValueError, TypeError, AttributeError):
+            return int(record.get("revision", 0)) != self.revision(series_uid)
+        except (ValueError, TypeError):
             return True
 
     def expire(self, keep_seconds: float) -> int:
