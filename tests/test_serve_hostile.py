@@ -409,3 +409,27 @@ def test_memory_does_not_follow_the_instance(guarded):
     before = hwm_mib(guarded.proc.pid)
     assert send([ds], guarded.port) == [0]
     assert hwm_mib(guarded.proc.pid) - before < 32
+
+
+def test_an_endless_command_set_is_aborted(node):
+    """pynetdicom gathers a command set in memory without a bound: 160 KiB of command fragments that
+    never end abort the association at 64 KiB."""
+    from pynetdicom import AE
+
+    ds = series(1)[0]
+    ae = AE(ae_title="SCANNER")
+    ae.acse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate(HOST, node.port, ae_title="ESPMED")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    fragment = b"\x00" * 16000  # one PDV: a command fragment (control 0x01), never the last
+    item = (len(fragment) + 2).to_bytes(4, "big") + bytes([context_id, 0x01]) + fragment
+    pdu = b"\x04\x00" + len(item).to_bytes(4, "big") + item
+    try:
+        for _ in range(10):
+            assoc.dul.socket.send(pdu)
+    except (OSError, AttributeError):
+        pass  # the node closed the connection
+    wait_for(lambda: "command set passed 64.0 KiB; association aborted" in node.log(), 10, "the abort")
+    wait_for(lambda: not assoc.is_alive(), 10, "the association to end")

@@ -43,6 +43,8 @@ log = logging.getLogger("espmed.serve")
 OUT_OF_RESOURCES = 0xA700
 NOT_AN_IMAGE = 0xA900  # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000
+#: Largest command set accepted (a C-STORE or C-ECHO request's is a few hundred bytes).
+MAX_COMMAND_BYTES = 64 * 1024
 #: Uncompressed transfer syntaxes: always accepted. Not Deflated Explicit VR Little Endian: a few
 #: hundred kB of it inflate to gigabytes before any size check could see them (a deflate bomb).
 NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -117,7 +119,8 @@ class StoreHandler:
         self.instance_bytes = instance_bytes
         self.allow = allow or []
         self.output_copies = output_copies  # one per destination's outbox, or the one in results/
-        self._receiving: dict = {}  # association -> data-set bytes of the instance being received
+        # association -> [data-set, command-set] bytes of the messages being received (None: aborting)
+        self._receiving: dict = {}
 
     def handlers(self) -> list:
         from pynetdicom import evt
@@ -147,34 +150,42 @@ class StoreHandler:
         log.warning(message)
 
     def on_data(self, event) -> None:
-        """Count each association's data-set bytes as they arrive (pynetdicom writes them to disk
-        before any C-STORE handler runs). An instance a little over the limit is received and
-        answered 0xA700 with the reason; one twice over aborts the association mid-transfer, so no
-        transfer can fill the disk."""
-        received = self._receiving.get(event.assoc, 0)
-        if received < 0:
-            return  # aborted: what still arrives before the socket closes is not counted again
-        last = False
+        """Count each association's message bytes as they arrive: pynetdicom writes a data set to
+        disk before any C-STORE handler runs, and gathers a command set in memory, both without a
+        bound. An instance a little over the limit is received and answered 0xA700 with the reason;
+        a data set past twice the limit, or a command set past `MAX_COMMAND_BYTES`, aborts the
+        association mid-transfer, so no transfer can fill the disk or the memory."""
+        sizes = self._receiving.setdefault(event.assoc, [0, 0])  # data-set, command-set bytes so far
+        if sizes is None:
+            return  # being aborted: what still arrives before the socket closes is not counted again
         for control, length in _pdv_items(event.data):
-            if not control & 1:  # a data-set fragment (bit 0 clear; set: command)
-                received += length
-                last = last or bool(control & 2)  # bit 1: the data set's last fragment
-        if received > 2 * self.instance_bytes:
-            self._receiving[event.assoc] = -1
-            who = event.assoc.requestor
-            why = f"instance transfer passed twice the {_size(self.instance_bytes)} limit; association aborted"
-            self.status.add("instances_refused")
-            self.status.error(f"C-STORE from {who.ae_title}@{who.address}: {why}")
-            log.warning("C-STORE from %s@%s: %s", who.ae_title, who.address, why)
-            # the file pynetdicom was writing the data set to (its message's, not public API)
-            partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
-            event.assoc.abort()
-            if event.assoc.dul.socket is not None:
-                event.assoc.dul.socket.close()  # stop the inflow now
-            if isinstance(partial, Path):
-                partial.unlink(missing_ok=True)
-            return
-        self._receiving[event.assoc] = 0 if last else received  # the next instance starts from zero
+            command = control & 1  # bit 0: a command fragment (else data set)
+            sizes[command] += length
+            if sizes[1] > MAX_COMMAND_BYTES:
+                self._abort(event, f"command set passed {_size(MAX_COMMAND_BYTES)}")
+                return
+            if sizes[0] > 2 * self.instance_bytes:
+                self._abort(event, f"instance transfer passed twice the {_size(self.instance_bytes)} limit")
+                return
+            if control & 2:  # bit 1: the last fragment: the next message starts from zero
+                sizes[command] = 0
+
+    def _abort(self, event, why: str) -> None:
+        """Abort the association now, logged and counted as a refused instance; remove the file
+        pynetdicom was writing the data set to."""
+        self._receiving[event.assoc] = None
+        who = event.assoc.requestor
+        why = f"{why}; association aborted"
+        self.status.add("instances_refused")
+        self.status.error(f"C-STORE from {who.ae_title}@{who.address}: {why}")
+        log.warning("C-STORE from %s@%s: %s", who.ae_title, who.address, why)
+        # the file pynetdicom was writing the data set to (its message's, not public API)
+        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
+        event.assoc.abort()
+        if event.assoc.dul.socket is not None:
+            event.assoc.dul.socket.close()  # stop the inflow now
+        if isinstance(partial, Path):
+            partial.unlink(missing_ok=True)
 
     def on_closed(self, event) -> None:
         self._receiving.pop(event.assoc, None)
