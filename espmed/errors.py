@@ -21,6 +21,10 @@ class ModalityError(EspmedError, ValueError):
     """An unknown modality, or one the model has no controller for."""
 
 
+class PromptError(EspmedError, ValueError):
+    """Box prompts that are malformed, do not match the inputs, or go to a model without a box path."""
+
+
 class ImageReadError(EspmedError):
     """An input image/volume cannot be read or is not a usable image."""
 

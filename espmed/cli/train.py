@@ -49,8 +49,9 @@ def _is_litemedsam(init: Path | None) -> bool:
 
 
 def _litemedsam_model(cfg, mobilesam: Path | None):
-    """(the [model] model initialised from LiteMedSAM, its per-part report); random parts drawn
-    after seeding with `[train] seed`, as the training engine builds its models."""
+    """(the [model] model initialised from LiteMedSAM, its box-prompted path included, and its
+    per-part report); random parts drawn after seeding with `[train] seed`, as the training engine
+    builds its models."""
     import torch
 
     from ..errors import ConfigError
@@ -59,6 +60,10 @@ def _litemedsam_model(cfg, mobilesam: Path | None):
 
     if mobilesam is not None:
         raise ConfigError("--init litemedsam and --mobilesam both initialise the trunk: give one")
+    import dataclasses
+
+    overrides = {**cfg.model.overrides, "box_prompts": True}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, overrides=overrides))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     return model, init_from_litemedsam(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -217,10 +217,11 @@ def save_checkpoint(
     metadata: Mapping[str, str] | None = None,
     *,
     dtype: torch.dtype | None = None,
+    float32_keys: Collection[str] = (),
 ) -> Path:
     """Write `model` as a native safetensors checkpoint (atomic). `dtype` (e.g. torch.float16, to
-    halve a shipped file) stores its floating-point tensors in that type; `load_checkpoint` upcasts
-    them to float32 again."""
+    halve a shipped file) stores its floating-point tensors in that type, but for `float32_keys`;
+    `load_checkpoint` upcasts them to float32 again."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -236,7 +237,8 @@ def save_checkpoint(
         if not dtype.is_floating_point:
             raise ValueError(f"a checkpoint stores floating-point tensors, not {dtype}")
         meta[STORED_DTYPE_METADATA_KEY] = str(dtype).removeprefix("torch.")
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        keep = set(float32_keys)
+        tensors = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -78,6 +78,11 @@ class ModelConfig:
     modalities: tuple[str, ...] = RELEASE_MODALITIES
     controller_map: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
     shared_hypernetwork: bool = True
+    # The box-prompted path beside the self-prompted one: SAM's prompt encoder and mask decoder
+    # (LiteMedSAM's), reading the same image embedding. `box_frame_stride`: pixels per embedding cell
+    # of the frame its prompt encoder was trained in (LiteMedSAM: 256 / 64 = 4).
+    box_prompts: bool = False
+    box_frame_stride: int = 4
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def __post_init__(self) -> None:

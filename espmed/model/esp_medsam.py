@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModalityError
+from ..errors import ModalityError, PromptError
 from .config import ModelConfig
 from .controller import ControllerBank
 from .decoder import QueryDecoupledModalityDecoder
+from .mask_decoder import MaskDecoder
 from .neck import Neck
+from .prompt_encoder import BoxPromptEncoder
 from .sppg import SelfPatchPromptGenerator
-from .tiny_vit import TinyViTTrunk
+from .tiny_vit import PointwisePatchEmbed, TinyViTTrunk
 
 Modality = int | str | Sequence[int | str] | torch.Tensor
 
@@ -26,6 +28,19 @@ class SegmentationOutput(NamedTuple):
     patch_logits: torch.Tensor  # (B, 1, H/32, W/32) SPPG patch logits
     embeddings: torch.Tensor  # (B, D, H/16, W/16) image embedding (neck output)
     lowres_masks: torch.Tensor  # (B, 1, H/4, W/4) decoder mask logits before upsampling
+
+
+class BoxOutput(NamedTuple):
+    lowres_masks: torch.Tensor  # (N, 1, H/4, W/4) mask logits, one per box
+    iou: torch.Tensor  # (N, 1) the decoder's IoU estimate of each mask
+
+#: SAM's mask decoder: 1 + 3 multimask tokens; an IoU head of 3 layers as wide as the decoder.
+SAM_MASK_TOKENS = 4
+SAM_IOU_HEAD_DEPTH = 3
+#: Input pixels per embedding cell (patch embed 4 x merges); boxes arrive in the input frame.
+TRUNK_STRIDE = 16
+#: Input pixels per patch-embed output cell.
+PATCH_STRIDE = 4
 
 
 class ESPMedSAM(nn.Module):
@@ -58,6 +73,14 @@ class ESPMedSAM(nn.Module):
             upscale_dims=c.upscale_dims,
             num_hypernetworks=1 if c.shared_hypernetwork else len(c.modalities),
         )
+        if c.box_prompts:
+            self.box_patch_embed = PointwisePatchEmbed(c.in_chans, c.embed_dims[0], block=PATCH_STRIDE)
+            self.prompt_encoder = BoxPromptEncoder(dim=c.prompt_dim, frame_stride=c.box_frame_stride)
+            self.box_decoder = MaskDecoder(
+                dim=c.prompt_dim, depth=c.decoder_depth, num_heads=c.decoder_heads, mlp_dim=c.decoder_mlp_dim,
+                attention_downsample_rate=c.attention_downsample_rate, upscale_dims=c.upscale_dims,
+                num_mask_tokens=SAM_MASK_TOKENS, iou_head_depth=SAM_IOU_HEAD_DEPTH, iou_head_hidden_dim=c.prompt_dim,
+            )
 
     # -- modality handling -------------------------------------------------------------------
     def _resolve(
@@ -112,12 +135,47 @@ class ESPMedSAM(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {h} x {w}")
 
-    def embed(self, images: torch.Tensor, modality: Modality) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, modality: Modality | None) -> torch.Tensor:
         """Image embedding (B, D, H/16, W/16) of normalised images (B, 3, H, W): the trunk under each
-        image's modality controller, then the neck. What distillation trains; no SPPG, no decoder."""
+        image's modality controller (None: no controller, the shared trunk alone), then the neck.
+        What distillation trains; no SPPG, no decoder."""
         self._check_images(images)
-        ctrl, _, _ = self._resolve(modality, images.shape[0])
+        ctrl = None if modality is None else self._resolve(modality, images.shape[0])[0]
         return self.neck(self.trunk(images, ctrl))
+
+    def embed_for_boxes(self, images: torch.Tensor, modality: Modality | None = None) -> torch.Tensor:
+        """The box-prompted path's image embedding (B, D, H/16, W/16): as `embed`, but through the box
+        path's own patch embed (LiteMedSAM's 1x1 convs on each 4x4 block's mean, which the
+        `longest-side-block-exact` resize makes exactly LiteMedSAM's 256² input)."""
+        self._require_boxes()
+        self._check_images(images)
+        ctrl = None if modality is None else self._resolve(modality, images.shape[0])[0]
+        return self.neck(self.trunk(images, ctrl, self.box_patch_embed))
+
+    @property
+    def has_box_prompts(self) -> bool:
+        return self.config.box_prompts
+
+    def decode_boxes(self, embedding: torch.Tensor, boxes: torch.Tensor) -> BoxOutput:
+        """One mask per box from one image's embedding (1, D, h, w) (or one embedding per box,
+        (N, D, h, w)); boxes (N, 4) = x0, y0, x1, y1 in input pixels (the letterboxed model input)."""
+        self._require_boxes()
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must be N x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+        h, w = embedding.shape[-2:]
+        to_frame = self.config.box_frame_stride / TRUNK_STRIDE
+        sparse, dense = self.prompt_encoder(boxes.to(embedding.dtype) * to_frame, (h, w))
+        image_pe = self.prompt_encoder.pe_layer(h, w).unsqueeze(0)
+        return BoxOutput(*self.box_decoder(embedding, image_pe, sparse, dense))
+
+    def segment_boxes(self, images: torch.Tensor, boxes: torch.Tensor, modality: Modality | None = None) -> BoxOutput:
+        """`embed_for_boxes` one normalised image (1, 3, H, W), then `decode_boxes`."""
+        return self.decode_boxes(self.embed_for_boxes(images, modality), boxes)
+
+    def _require_boxes(self) -> None:
+        if not self.has_box_prompts:
+            raise PromptError("this model has no box-prompted path (a checkpoint made before it, or without "
+                              "box_prompts); it segments self-prompted only")
 
     def forward(self, images: torch.Tensor, modality: Modality) -> SegmentationOutput:
         self._check_images(images)
@@ -148,6 +206,13 @@ class ESPMedSAM(nn.Module):
     def controller_parameters(self, controller: int) -> list[nn.Parameter]:
         """Parameters of one modality controller across all blocks."""
         return [p for bank in self.controller_banks() for p in bank.slots[controller].parameters()]
+
+    def shared_encoder_keys(self) -> list[str]:
+        """state_dict keys of the modality-independent encoder: the trunk without its controllers, the
+        neck and the box path's patch embed. The shipped file keeps them in float32: in float16 they
+        move box masks of small structures off LiteMedSAM's (parity measured in the model card)."""
+        return [k for k in self.state_dict() if k.startswith(("trunk.", "neck.", "box_patch_embed."))
+                and ".controllers." not in k]
 
     def trunk_shared_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters shared by every modality (controllers excluded)."""

@@ -1,4 +1,4 @@
-"""SAM's random-Fourier positional encoding (`PositionEmbeddingRandom`), dense grid only."""
+"""SAM's random-Fourier positional encoding (`PositionEmbeddingRandom`): a dense grid, or given points."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ class PositionEmbeddingRandom(nn.Module):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
 
+    def encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """Encoding (..., C) of (x, y) coordinates (..., 2) normalised to [0, 1]."""
+        projected = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)
+        return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
+
     def forward(self, h: int, w: int) -> torch.Tensor:
         """Dense encoding (C, h, w) for an h x w grid."""
         gauss = self.positional_encoding_gaussian_matrix
         grid = torch.ones((h, w), dtype=gauss.dtype, device=gauss.device)
         y = (grid.cumsum(dim=0) - 0.5) / h
         x = (grid.cumsum(dim=1) - 0.5) / w
-        coords = 2 * torch.stack([x, y], dim=-1) - 1
-        coords = 2 * math.pi * (coords @ gauss)
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).permute(2, 0, 1)
+        return self.encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)

@@ -16,6 +16,10 @@ from torch import nn
 from .common import Conv2dBN
 from .controller import ControllerBank, ExpertMLP
 
+#: Which modality controller runs: one index for the batch, a (B,) tensor of indices, or None (none:
+#: the shared trunk alone).
+Controller = int | torch.Tensor | None
+
 
 class PatchEmbed(nn.Module):
     """Two stride-2 3x3 conv+BN with GELU between: image -> (B, C, H/4, W/4)."""
@@ -29,6 +33,25 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class PointwisePatchEmbed(nn.Module):
+    """LiteMedSAM's patch embed: 1x1 conv+BN, GELU, 1x1 conv+BN; (B, 3, T, T) -> (B, C, T, T).
+
+    With `block` > 1 it first takes the mean of each block x block tile, so that it reads a block x
+    larger image as its teacher-size image: (B, 3, 4T, 4T) -> (B, C, T, T) for block 4.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, *, block: int = 1) -> None:
+        super().__init__()
+        self.block = block
+        half = embed_dim // 2
+        self.seq = nn.Sequential(Conv2dBN(in_chans, half, 1), nn.GELU(), Conv2dBN(half, embed_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block > 1:
+            x = F.avg_pool2d(x, self.block)
         return self.seq(x)
 
 
@@ -107,17 +130,21 @@ class WindowAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_offsets))
         self.register_buffer("attention_bias_idxs", idx, persistent=False)
 
-    def forward(self, x: torch.Tensor, kv_token: torch.Tensor, kv_bias: torch.Tensor) -> torch.Tensor:
-        """x: (rows, N, C) window tokens; kv_token (rows, heads, 1, hd); kv_bias (rows or 1, 1, 1, 1)."""
+    def forward(
+        self, x: torch.Tensor, kv_token: torch.Tensor | None = None, kv_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (rows, N, C) window tokens; kv_token (rows, heads, 1, hd); kv_bias (rows or 1, 1, 1, 1).
+        Without a controller token: plain TinyViT window attention."""
         rows, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(rows, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)
-        k = torch.cat([k, kv_token], dim=2)
-        v = torch.cat([v, kv_token], dim=2)
-        pos_bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # 1, h, N, N
-        bias = torch.cat(  # (rows or 1, h, N, N + 1): SDPA broadcasts it over the windows
-            [pos_bias.expand(kv_bias.shape[0], -1, -1, -1), kv_bias.expand(-1, self.num_heads, n, 1)], dim=3
-        )
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # 1, h, N, N
+        if kv_token is not None:
+            k = torch.cat([k, kv_token], dim=2)
+            v = torch.cat([v, kv_token], dim=2)
+            bias = torch.cat(  # (rows or 1, h, N, N + 1): SDPA broadcasts it over the windows
+                [bias.expand(kv_bias.shape[0], -1, -1, -1), kv_bias.expand(-1, self.num_heads, n, 1)], dim=3
+            )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(rows, n, -1))
 
@@ -141,8 +168,9 @@ class TinyViTBlock(nn.Module):
             mlp_ratio=mlp_ratio,
         )
 
-    def forward(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C); ctrl: controller index for the batch, or a (B,) tensor of them."""
+    def forward(self, x: torch.Tensor, ctrl: Controller) -> torch.Tensor:
+        """x: (B, H, W, C); ctrl: controller index for the batch, a (B,) tensor of them, or None
+        (no controller: the shared trunk alone, plain TinyViT)."""
         b, h, w, c = x.shape
         ws = self.window_size
         pad_b = (ws - h % ws) % ws
@@ -151,13 +179,18 @@ class TinyViTBlock(nn.Module):
         ph, pw = h + pad_b, w + pad_r
         nh, nw = ph // ws, pw // ws
         windows = t.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        token, bias = self.controllers.kv(ctrl, windows.shape[0], nh * nw)
-        t = self.attn(windows, token, bias)
+        if ctrl is None:
+            t = self.attn(windows)
+        else:
+            token, bias = self.controllers.kv(ctrl, windows.shape[0], nh * nw)
+            t = self.attn(windows, token, bias)
         t = t.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         if pad_b or pad_r:
             t = t[:, :h, :w]
         x = x + t
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if ctrl is None:
+            return x + self.mlp(x)
         return x + self.mlp(x) + self.controllers.expert(x, ctrl)
 
 
@@ -186,7 +219,7 @@ class TransformerStage(nn.Module):
         )
         self.downsample = PatchMerging(dim, out_dim, merge_stride) if out_dim is not None else None
 
-    def forward(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctrl: Controller) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, ctrl)
         if self.downsample is not None:
@@ -234,8 +267,9 @@ class TinyViTTrunk(nn.Module):
             )
         self.layers = nn.ModuleList(stages)
 
-    def forward(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](self.patch_embed(x)).permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor, ctrl: Controller, patch_embed: nn.Module | None = None) -> torch.Tensor:
+        """`patch_embed` replaces the trunk's own (the box-prompted path's: LiteMedSAM's)."""
+        x = self.layers[0]((patch_embed or self.patch_embed)(x)).permute(0, 2, 3, 1)
         for stage in self.layers[1:]:
             x = stage(x, ctrl)
         return x.permute(0, 3, 1, 2)

@@ -25,14 +25,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import BackendUnavailableError, CheckpointError
 from ..model import PRESETS, ESPMedSAM, Preprocessing
 from ..model.checkpoint import read_state_dict
-from ..model.common import Conv2dBN
 from ..model.neck import Neck
-from ..model.tiny_vit import TinyViTBlock, TinyViTTrunk
+from ..model.tiny_vit import PointwisePatchEmbed, TinyViTTrunk
 from .frozen import freeze
 from .mobilesam import mapped_state
 
@@ -81,41 +79,10 @@ def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-class PointwisePatchEmbed(nn.Module):
-    """LiteMedSAM's patch embed: 1x1 conv+BN, GELU, 1x1 conv+BN; (B, 3, T, T) -> (B, C, T, T)."""
-
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        half = embed_dim // 2
-        self.seq = nn.Sequential(Conv2dBN(in_chans, half, 1), nn.GELU(), Conv2dBN(half, embed_dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
-
-
-class NoController(nn.Module):
-    """Takes a TinyViT block's controller bank's place in a model without controllers.
-
-    Its K/V token has a -inf logit (attention weight exactly 0) and there is no expert, so the block
-    computes plain TinyViT. It holds no state_dict entries.
-    """
-
-    def __init__(self, num_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.register_buffer("token", torch.zeros(1, num_heads, 1, head_dim), persistent=False)
-        self.register_buffer("bias", torch.full((1, 1, 1, 1), float("-inf")), persistent=False)
-
-    def kv(self, ctrl: int | torch.Tensor, rows: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.token.expand(rows, -1, -1, -1), self.bias
-
-    def expert(self, x: torch.Tensor, ctrl: int | torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(())
-
-
 class LiteMedSAMEncoder(TinyViTTrunk):
     """LiteMedSAM's image encoder: (B, 3, T, T) in [0, 1] -> embedding (B, 256, T/4, T/4).
 
-    The ESP-MedSAM trunk with the 1x1 patch embed, no controllers, and the neck; its state_dict keys
+    The ESP-MedSAM trunk with the 1x1 patch embed, no controllers (run with none), and the neck; its state_dict keys
     are the checkpoint's `image_encoder.*` keys. Runs at any T that is a multiple of 4 (trained at 256).
     """
 
@@ -124,17 +91,13 @@ class LiteMedSAMEncoder(TinyViTTrunk):
         super().__init__(
             in_chans=c.in_chans, embed_dims=c.embed_dims, depths=c.depths, num_heads=c.num_heads,
             window_sizes=c.window_sizes, mlp_ratio=c.mlp_ratio, mbconv_expand_ratio=c.mbconv_expand_ratio,
-            merge_strides=c.merge_strides, num_controllers=1,
+            merge_strides=c.merge_strides, num_controllers=0,
         )
         self.patch_embed = PointwisePatchEmbed(c.in_chans, c.embed_dims[0])
-        for block in self.modules():
-            if isinstance(block, TinyViTBlock):
-                attn = block.attn
-                block.controllers = NoController(attn.num_heads, attn.head_dim)
         self.neck = Neck(c.embed_dims[-1], c.prompt_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.neck(super().forward(x, 0))
+        return self.neck(super().forward(x, None))
 
 
 def load_litemedsam_encoder(path: str | Path | None = None) -> tuple[LiteMedSAMEncoder, str]:
@@ -185,6 +148,37 @@ def spread_taps(weight: torch.Tensor, taps: str) -> torch.Tensor:
     return weight[:, :, :1, :1] * kernel
 
 
+def box_prompt_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's box-prompted path from LiteMedSAM: `box_patch_embed.*` <- its 1x1 patch embed,
+    `prompt_encoder.*` <- its prompt encoder's box corners, no-mask embedding and positional
+    encoding, `box_decoder.*` <- its `mask_decoder.*` (every key, as it is)."""
+    out = {"box_decoder." + k.removeprefix("mask_decoder."): v for k, v in state.items()
+           if k.startswith("mask_decoder.")}
+    out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = state[
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    out["prompt_encoder.corner_embeddings.weight"] = torch.cat(
+        [state[f"prompt_encoder.point_embeddings.{i}.weight"] for i in (2, 3)])
+    out["prompt_encoder.no_mask_embed.weight"] = state["prompt_encoder.no_mask_embed.weight"]
+    out.update({"box_patch_embed." + k.removeprefix("image_encoder.patch_embed."): v for k, v in state.items()
+                if k.startswith("image_encoder.patch_embed.")})
+    return out
+
+
+def attach_box_prompts(model: ESPMedSAM, path: str | Path | None = None) -> ESPMedSAM:
+    """A copy of `model` (the `esp-medsam` width) with LiteMedSAM's box-prompted path added (or
+    replaced); every other weight is kept. What `init_from_litemedsam` loads for a `box_prompts`
+    model, for a checkpoint made before the path existed."""
+    boxed = ESPMedSAM(model.config.with_(box_prompts=True))
+    target = boxed.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(BOX_PREFIXES)}
+    state.update(box_prompt_state(read_litemedsam(path)))
+    wrong = sorted(k for k in target if k not in state or state[k].shape != target[k].shape)
+    if wrong:
+        raise CheckpointError(f"LiteMedSAM's box-prompted path does not fit this model: {wrong[:4]}")
+    boxed.load_state_dict(state, strict=True)
+    return boxed.train(model.training)
+
+
 #: Parts of the model, by state_dict prefix, in the order the report lists them.
 PARTS = {
     "trunk.patch_embed": "trunk.patch_embed.",
@@ -196,7 +190,11 @@ PARTS = {
     "decoder.hypernetworks": "decoder.hypernetworks.",
     "decoder.queries": "decoder.queries.",
     "decoder.pe_layer": "decoder.pe_layer.",
+    "box_patch_embed": "box_patch_embed.",
+    "prompt_encoder": "prompt_encoder.",
+    "box_decoder": "box_decoder.",
 }
+BOX_PREFIXES = (PARTS["box_patch_embed"], PARTS["prompt_encoder"], PARTS["box_decoder"])
 
 
 def _part(key: str) -> str:
@@ -217,7 +215,8 @@ def init_from_litemedsam(
     trunk stages and neck <- encoder; patch-embed 1x1 convs -> 3x3 stride-2 convs (`spread_taps`;
     BN copied); two-way transformer, output upscaling, hypernetwork MLP 0 (into every hypernetwork)
     and mask token 0 (into every query) <- mask decoder; dense positional-encoding matrix <- prompt
-    encoder. Controllers are made neutral (expert fc2 zero, K/V-token logit bias `kv_logit_bias`), so
+    encoder; a `box_prompts` model's prompt encoder and box decoder <- LiteMedSAM's, as they are
+    (`box_prompt_state`). Controllers are made neutral (expert fc2 zero, K/V-token logit bias `kv_logit_bias`), so
     the embedding is LiteMedSAM's trunk's. SPPG stays as initialised. The model's preprocessing
     becomes `x / 255`.
 
@@ -236,6 +235,8 @@ def init_from_litemedsam(
         loaded[k] = state["mask_decoder.output_hypernetworks_mlps.0." + k.split(".", 3)[3]]
     mask_token = state["mask_decoder.mask_tokens.weight"][0]
     loaded["decoder.queries.weight"] = mask_token.expand_as(target["decoder.queries.weight"])
+    if model.has_box_prompts:
+        loaded.update(box_prompt_state(state))
     with torch.no_grad():
         for k, v in loaded.items():
             target[k].copy_(v)
