@@ -14,14 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
-from espmed.errors import ArtifactError, ModalityError
+from espmed.errors import ArtifactError, ModalityError, PromptError
 
+from .boxes import check_boxes, label_image, to_input_frame
 from .masks import mask_from_logits
 from .metadata import ArtifactMetadata
-from .preprocess import RESIZE_MODES, Letterbox, patch_region, preprocess, restore_logits, sigmoid
+from .preprocess import (
+    RESIZE_MODES,
+    Letterbox,
+    patch_region,
+    preprocess,
+    restore_box_logits,
+    restore_logits,
+    sigmoid,
+)
 
 #: Images per graph call in `predict_batch` when the artifact's batch is dynamic.
 DEFAULT_DYNAMIC_CHUNK = 8
+#: Boxes per prompt-decoder call: the decoder's transformer runs on one copy of the embedding per
+#: box (about 20 MB of activations each at 1024²), so `decode` bounds them.
+BOX_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,35 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)  # ms: preprocess / infer / postprocess
 
 
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """`Segmenter.embed`'s result: what `decode` needs to segment any number of boxes on one image."""
+
+    embedding: np.ndarray  # float32 (1, D, S/16, S/16)
+    letterbox: Letterbox
+    timings: dict[str, float] = field(default_factory=dict)  # ms: preprocess / encoder
+
+
+@dataclass
+class BoxPrediction:
+    """One mask and one IoU estimate per box, at the image's own size."""
+
+    masks: np.ndarray  # bool (N, H, W), mask k from box k
+    iou: np.ndarray  # float32 (N,), the decoder's estimate of each mask's IoU
+    boxes: np.ndarray  # float64 (N, 4), the boxes as clipped to the image
+    logits: np.ndarray | None = None  # float32 (N, H, W), only when asked for
+    timings: dict[str, float] = field(default_factory=dict)  # ms: decoder / postprocess (+ embed's)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """Foreground pixels of each mask (N,)."""
+        return self.masks.reshape(len(self.masks), -1).sum(axis=1)
+
+    def label_image(self) -> np.ndarray:
+        """Value k = box k's mask (1-based; overlaps: higher IoU estimate, then lower index)."""
+        return label_image(self.masks, self.iou)
+
+
 class Segmenter:
     """A loaded artifact. Safe to call from many threads at once (backends guarantee `_infer`)."""
 
@@ -65,10 +106,29 @@ class Segmenter:
         self._std = tuple(float(v) for v in pre["std"])
         self._threshold = float(pre.get("mask_threshold", 0.0))
 
-    # -- backend hook --------------------------------------------------------------------------
+    # -- backend hooks -------------------------------------------------------------------------
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lowres_masks, patch_logits) for `x` (B, 3, S, S) float32 with B the artifact accepts."""
         raise NotImplementedError
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        """Box path: embedding (1, D, S/16, S/16) of one pre-processed image `x` (1, 3, S, S)."""
+        raise NotImplementedError
+
+    def _decode(self, embedding: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Box path: (lowres_masks (N, 1, S/4, S/4), iou (N, 1)) for one embedding and boxes (N, 4)
+        float32 in the model input's pixels, 1 <= N <= BOX_CHUNK."""
+        raise NotImplementedError
+
+    @property
+    def supports_boxes(self) -> bool:
+        """The artifact is a box-prompted encoder (its decoder beside it)."""
+        return self.metadata.graph == "box-encoder"
+
+    @property
+    def self_prompted(self) -> bool:
+        """The artifact segments without prompts (`predict(image)`)."""
+        return self.metadata.graph == "self-prompted"
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -95,6 +155,8 @@ class Segmenter:
 
         A fixed-batch artifact gets the batch in chunks of its size, the last one zero-padded.
         """
+        if not self.self_prompted:
+            raise PromptError(f"{self.source.name}: a box-prompted artifact segments boxes only: give boxes")
         s = self.input_size
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (3, s, s) or x.shape[0] < 1:
@@ -115,9 +177,57 @@ class Segmenter:
         return np.concatenate(lowres), np.concatenate(patches)
 
     # -- images --------------------------------------------------------------------------------
-    def predict(self, image: np.ndarray, return_logits: bool = False) -> Prediction:
-        """Segment one 2-D image (gray, RGB or RGBA, any numeric dtype); mask at its own size."""
+    def predict(self, image: np.ndarray, return_logits: bool = False, *, boxes=None) -> Prediction | BoxPrediction:
+        """Segment one 2-D image (gray, RGB or RGBA, any numeric dtype); masks at its own size.
+
+        Without `boxes`: the self-prompted mask (a `Prediction`). With `boxes` (N x 4, x0, y0, x1, y1
+        in the image's pixels, see `runtimes.boxes`): one mask per box (a `BoxPrediction`).
+        """
+        if boxes is not None:
+            return self.decode(self.embed(image), boxes, return_logits)
         return self.predict_batch([image], return_logits)[0]
+
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """The box path's embedding of one image: run once, then `decode` any number of boxes."""
+        self._require_boxes()
+        t0 = time.perf_counter()
+        x, box = self.preprocess(image)
+        t1 = time.perf_counter()
+        embedding = np.asarray(self._embed(x[None]), np.float32)
+        t2 = time.perf_counter()
+        return ImageEmbedding(embedding, box, {"preprocess": (t1 - t0) * 1e3, "encoder": (t2 - t1) * 1e3})
+
+    def decode(
+        self, embedding: ImageEmbedding, boxes, return_logits: bool = False, *, source: str = ""
+    ) -> BoxPrediction:
+        """One mask (at the image's size) and one IoU estimate per box, from `embed`'s result."""
+        self._require_boxes()
+        letterbox = embedding.letterbox
+        clipped = check_boxes(boxes, letterbox.original_hw, source)
+        frame = to_input_frame(clipped, letterbox)
+        t0 = time.perf_counter()
+        lowres, iou = [], []
+        for start in range(0, len(frame), BOX_CHUNK):
+            lo, q = self._decode(embedding.embedding, frame[start : start + BOX_CHUNK])
+            lowres.append(np.asarray(lo, np.float32))
+            iou.append(np.asarray(q, np.float32).reshape(-1))
+        t1 = time.perf_counter()
+        logits = np.stack([restore_box_logits(lo[0], letterbox) for part in lowres for lo in part])
+        result = BoxPrediction(
+            masks=mask_from_logits(logits, self._threshold), iou=np.concatenate(iou), boxes=clipped,
+            logits=logits if return_logits else None,
+        )
+        result.timings = {
+            **embedding.timings, "decoder": (t1 - t0) * 1e3, "postprocess": (time.perf_counter() - t1) * 1e3,
+        }
+        return result
+
+    def _require_boxes(self) -> None:
+        if not self.supports_boxes:
+            raise PromptError(
+                f"{self.source.name}: this {'model' if self.backend == 'torch' else 'artifact'} has no "
+                "box-prompted path; export the box pair (espmed export --prompt box) from a checkpoint that has one"
+            )
 
     def predict_batch(
         self, images: Sequence[np.ndarray], return_logits: bool = False, chunk_size: int | None = None

@@ -18,6 +18,21 @@ METADATA_KEY = "espmed"
 SCHEMA = "espmed-artifact/1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("lowres_masks", "patch_logits")
+#: What an artifact's graph is: the self-prompted model end to end (images -> lowres_masks,
+#: patch_logits); or the box-prompted pair SAM deploys, an image encoder (images -> embedding) whose
+#: metadata names its prompt decoder (embedding + boxes -> lowres_masks, iou) beside it.
+GRAPHS = ("self-prompted", "box-encoder", "box-decoder")
+EMBEDDING_NAME = "embedding"
+BOXES_NAME = "boxes"
+IOU_NAME = "iou"
+#: The `modality` of a box graph exported without one: the shared trunk, no modality controller.
+SHARED_TRUNK = "shared"
+#: The names each graph kind reads and writes: (inputs, outputs).
+GRAPH_IO = {
+    "self-prompted": ((INPUT_NAME,), OUTPUT_NAMES),
+    "box-encoder": ((INPUT_NAME,), (EMBEDDING_NAME,)),
+    "box-decoder": ((EMBEDDING_NAME, BOXES_NAME), (OUTPUT_NAMES[0], IOU_NAME)),
+}
 
 
 @dataclass
@@ -48,6 +63,8 @@ class ArtifactMetadata:
     runtime_precision: str | None = None  # OpenVINO CPU inference precision pinned at run time
     library_versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # backend specifics (e.g. TRT version, GPU)
+    graph: str = GRAPHS[0]
+    decoder: str | None = None  # box-encoder: the file name of its prompt decoder, beside it
     schema: str = SCHEMA
 
     def to_json(self) -> str:
@@ -75,8 +92,13 @@ class ArtifactMetadata:
             raise ArtifactError(f"{source}: invalid input size {self.input_size} in metadata")
         if self.batch < 0:
             raise ArtifactError(f"{source}: invalid batch {self.batch} in metadata")
-        if self.modality not in self.modalities:
+        if self.graph not in GRAPHS:
+            raise ArtifactError(f"{source}: unknown graph {self.graph!r} in metadata ({', '.join(GRAPHS)})")
+        shared = self.graph != GRAPHS[0] and self.modality == SHARED_TRUNK
+        if self.modality not in self.modalities and not shared:
             raise ArtifactError(f"{source}: modality {self.modality!r} not among {self.modalities}")
+        if self.graph == "box-encoder" and (not self.decoder or self.decoder != self.decoder.rsplit("/", 1)[-1]):
+            raise ArtifactError(f"{source}: a box encoder's metadata must name its decoder file beside it")
         for key in ("mean", "std"):
             v = self.preprocessing.get(key)
             if not isinstance(v, (list, tuple)) or len(v) != 3:

@@ -23,7 +23,8 @@ Intensity scaling to RGB uint8 (documented contract):
 
 Post: low-resolution logits (S/4 x S/4) -> bilinear to S x S -> crop the padding -> bilinear to the
 original H x W (half-pixel centres, as `F.interpolate(align_corners=False)`), done as one pair of
-interpolation matrices -> threshold.
+interpolation matrices -> threshold. Box prompts' masks are restored MedSAM's way instead (crop at low
+resolution, then bilinear to H x W: `restore_box_logits`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,29 @@ def restore_logits(lowres: np.ndarray, box: Letterbox) -> np.ndarray:
     if lowres.ndim != 2:
         raise ValueError(f"expected 2-D low-resolution logits, got shape {lowres.shape}")
     ry, rx = _restore_matrices(box, lowres.shape)
+    return ry @ lowres @ rx.T
+
+
+@lru_cache(maxsize=64)
+def _box_restore_matrices(box: Letterbox, lowres_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    mats = []
+    for axis in (0, 1):
+        n = lowres_hw[axis]
+        crop = -(-box.resized_hw[axis] * n // box.input_size)  # the low-res cells the image covers
+        m = np.zeros((box.original_hw[axis], n), np.float64)
+        m[:, :crop] = bilinear_matrix(box.original_hw[axis], crop)
+        mats.append(m.astype(np.float32))
+    return mats[0], mats[1]
+
+
+def restore_box_logits(lowres: np.ndarray, box: Letterbox) -> np.ndarray:
+    """A box prompt's low-resolution logits (h, w) -> logits (H, W), MedSAM's way: crop the padding
+    at low resolution, then bilinear to the original size (as LiteMedSAM's `postprocess_masks`, so
+    that box masks match it; the self-prompted path upsamples first, `restore_logits`)."""
+    lowres = np.asarray(lowres, np.float32)
+    if lowres.ndim != 2:
+        raise ValueError(f"expected 2-D low-resolution logits, got shape {lowres.shape}")
+    ry, rx = _box_restore_matrices(box, lowres.shape)
     return ry @ lowres @ rx.T
 
 

@@ -2,8 +2,10 @@
 
 The only module of `espmed.runtimes` that imports torch, and only when a checkpoint is loaded.
 It feeds the same numpy pre-processing as the exported backends, so its masks are the reference
-the artifacts are compared with. Forward passes run under `torch.inference_mode()` per call on an
-eval-mode model, which is safe from many threads.
+the artifacts are compared with. A checkpoint with a box-prompted path also segments boxes: under
+the named modality's controller, or with none named on the shared trunk alone (LiteMedSAM's
+encoder). Forward passes run under `torch.inference_mode()` per call on an eval-mode model, which is
+safe from many threads.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TorchSegmenter(Segmenter):
         path = Path(path)
         model = load_checkpoint(path, image_size=image_size)
         cfg = model.config
+        given = modality is not None
         if modality is None:
             modality = model.default_modality
         try:
@@ -44,6 +47,8 @@ class TorchSegmenter(Segmenter):
         except ModalityError as exc:  # name the checkpoint, as every other load error does
             raise ModalityError(f"{path}: {exc}") from None
         self._index = index
+        # Boxes run under the modality's controller when one is named, else on the shared trunk alone.
+        self._box_modality = index if given else None
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -67,8 +72,22 @@ class TorchSegmenter(Segmenter):
         metadata.validate(str(path))
         super().__init__(metadata, path)
 
+    @property
+    def supports_boxes(self) -> bool:
+        return self.model.has_box_prompts
+
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             out = self.model(torch.from_numpy(x), self._index)
         return out.lowres_masks.float().numpy(), out.patch_logits.float().numpy()
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model.embed_for_boxes(self._torch.from_numpy(x), self._box_modality).float().numpy()
+
+    def _decode(self, embedding: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model.decode_boxes(torch.from_numpy(embedding), torch.from_numpy(boxes))
+        return out.lowres_masks.float().numpy(), out.iou.float().numpy()
