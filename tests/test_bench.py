@@ -280,3 +280,46 @@ def test_a_recorded_bench_json_re_renders_its_markdown(result, tmp_path):
         return [line for line in text.splitlines() if line.strip() and not line.startswith("![")]
 
     assert table(files["md"].read_text()) == table((recorded / "bench.md").read_text())
+
+
+@pytest.fixture(scope="module")
+def box_bench(data_dir, tmp_path_factory):
+    """`--prompt box` on the tiny model: torch and ONNX, one box per ground-truth component."""
+    out = tmp_path_factory.mktemp("bench-box")
+    opts = options.BenchOptions(
+        preset="esp-medsam-tiny", imgsz=SIZE, data=data_dir, targets="onnx", runs=2, warmup=1, threads=2, out=out,
+        prompt="box",
+    )
+    rep = harness.run_benchmark(opts, log=lambda _: None)
+    return rep, report.write_all(rep, out)
+
+
+def test_box_prompt_bench_times_the_encoder_per_image_and_the_decoder_per_box(box_bench, data_dir):
+    from scipy import ndimage
+
+    from espmed.io import read_mask
+
+    rep, files = box_bench
+    assert rep.model.prompt == "box" and rep.model.modality == "shared"
+    assert rep.model.images == ["nuclei_dsb2018_a", "nuclei_dsb2018_b"]  # the image without a mask is left out
+    masks = sorted(data_dir.glob("masks/*"))
+    components = sum(ndimage.label(read_mask(p), structure=np.ones((3, 3)))[1] for p in masks)
+    for name in ("torch", "onnx"):
+        r = _row(rep, name)
+        assert r["status"] == "ok", r.get("reason")
+        assert r["boxes"] == components > 10
+        assert r["latency_ms"]["p50"] > 0 and r["decoder_ms_per_box"]["one_box_p50"] > 0
+        assert 0.0 <= r["box_dice_vs_truth_mean"] <= 1.0 and r["ground_truth"]["images"] == 2
+    assert _row(rep, "onnx")["vs_fp32"]["dice_min"] > 0.99
+    md = files["md"].read_text()
+    assert "dec ms/box" in md and "one box per 8-connected ground-truth component" in md
+
+
+def test_component_boxes_are_inclusive_and_8_connected():
+    from espmed.benchmark.worker import component_boxes
+
+    mask = np.zeros((10, 12), bool)
+    mask[1:3, 2:5] = True
+    mask[3, 5] = True  # touches the first only diagonally
+    mask[6:9, 8:12] = True
+    assert component_boxes(mask) == [[2, 1, 5, 3], [8, 6, 11, 8]]

@@ -73,6 +73,7 @@ def _export_key(target: str, model: BenchModel, opts: BenchOptions) -> dict:
         "calibration_sha256": _calib_sha(model.calibration) if calibrated else None,
         "recipe_sha256": _recipe_sha(model.checkpoint) if calibrated else None,
         "int8_gate_max_drop": opts.max_drop if calibrated else None,
+        "prompt": opts.prompt,
         "versions": library_versions(),
         "exporter_source_sha256": _exporter_source_sha256(),
     }
@@ -99,16 +100,22 @@ def _cached(record_path: Path, key: dict) -> Export | None:
     return None
 
 
+def _artifact_dir(target: str, opts: BenchOptions, out: Path) -> Path:
+    """Where `target`'s export is cached: self-prompted and box-prompted artifacts apart."""
+    return out / "artifacts" / (target if opts.prompt == "self" else f"{opts.prompt}-{target}")
+
+
 def cached_export(target: str, model: BenchModel, opts: BenchOptions, out: Path) -> Export | None:
     """The cached export of `target` in `out` (with the seconds it took), or None."""
-    return _cached(out / "artifacts" / target / "bench-export.json", _export_key(target, model, opts))
+    return _cached(_artifact_dir(target, opts, out) / "bench-export.json", _export_key(target, model, opts))
 
 
 def export_artifact(target: str, model: BenchModel, opts: BenchOptions, out: Path) -> Export:
     """The cached export of `target` when its record matches, else a new one."""
     from espmed.export import export
+    from espmed.runtimes.metadata import SHARED_TRUNK
 
-    dest = out / "artifacts" / target
+    dest = _artifact_dir(target, opts, out)
     record_path = dest / "bench-export.json"
     key = _export_key(target, model, opts)
     found = _cached(record_path, key)
@@ -121,8 +128,9 @@ def export_artifact(target: str, model: BenchModel, opts: BenchOptions, out: Pat
             Path(model.checkpoint),
             target,
             dest,
-            modality=model.modality,
+            modality=None if model.modality == SHARED_TRUNK else model.modality,
             imgsz=model.image_size,
+            **({"prompt": opts.prompt} if opts.prompt != "self" else {}),
             batch=1,
             dynamic=opts.batch > 1,
             calib=model.calibration,

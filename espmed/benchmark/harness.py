@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import machine
 from ..errors import EspmedError, first_line
 from ..runtimes.formats import Format
+from ..runtimes.metadata import SHARED_TRUNK
 from . import eta
 from .data import Sample, list_samples
 from .exports import Export, artifact_files, calibration_dir, export_artifact
@@ -87,7 +88,11 @@ def _model_and_samples(
     model = prepare_model(opts, samples, out=out, log=log)
     calib = calibration_dir(opts, model.modality, out)
     model.calibration = None if calib is None else str(calib)
-    if opts.checkpoint is not None and any(s.modality == model.modality for s in samples):
+    if opts.prompt == "box":  # boxes come from ground truth, of any modality
+        samples = [s for s in samples if s.mask]
+        if not samples:
+            raise EspmedError("--prompt box puts one box around each ground-truth component: the data has no masks")
+    elif opts.checkpoint is not None and any(s.modality == model.modality for s in samples):
         # A trained model is judged on images of its modality; random weights on every image.
         samples = [s for s in samples if s.modality in (model.modality, None)]
     model.images = [s.name for s in samples]
@@ -116,7 +121,7 @@ class _Run:
 
 def _measure_row(run: _Run, row: Format, host: dict) -> dict:
     """One row's record: unavailable, export failed, or measured by a worker process."""
-    rec = row_record(row)
+    rec = row_record(row) | {"prompt": run.opts.prompt}
     reason = unavailable_reason(row, host)
     if reason:
         rec.update(status="unavailable", reason=reason)
@@ -182,13 +187,14 @@ def _worker_spec(run: _Run, row: Format, artifact: Path | str) -> dict:
         "artifact": str(artifact),
         "threads": run.threads,
         "precision": row.runtime_precision,
-        "modality": run.model.modality,
+        "modality": None if run.model.modality == SHARED_TRUNK else run.model.modality,
         "image_size": run.model.image_size if row.export_target is None else None,
         "samples": run.samples,
         "warmup": run.opts.warmup,
         "runs": run.opts.runs,
         "batch": run.opts.batch,
         "logits": str(run.work / f"{row.name}.logits.npz"),
+        "prompt": run.opts.prompt,
     }
 
 

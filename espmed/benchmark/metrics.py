@@ -65,14 +65,15 @@ def _load_logits(path: Path) -> dict[str, np.ndarray]:
 
 
 def add_accuracy(results: list[dict], model: BenchModel, samples: list[Sample], work: Path) -> None:
-    """Dice / max logit error vs the torch reference, and vs ground truth where the data has masks."""
+    """Dice / max logit error vs the torch reference, and vs ground truth where the data has masks
+    (box prompts: of the union of an image's box masks, its logits the max over the boxes')."""
     threshold = model.threshold
     ref_path = work / f"{REFERENCE}.logits.npz"
     reference = _load_logits(ref_path) if ref_path.is_file() else None
     masks = {
         s.name: read_mask(s.mask)
         for s in samples
-        if s.mask and (s.modality is None or s.modality == model.modality)
+        if s.mask and (model.prompt == "box" or s.modality is None or s.modality == model.modality)
     }
     for rec in results:
         if rec["status"] != "ok":

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import EspmedError
 from .data import Sample
 from .options import BenchOptions
 
@@ -27,6 +28,8 @@ class BenchModel:
     threshold: float  # mask = logit >= threshold
     calibration: str | None = None  # what INT8 exports calibrate on (`exports.calibration_dir`)
     images: list[str] = field(default_factory=list)  # the names of the images measured
+    prompt: str = "self"  # `BenchOptions.prompt`; "box": gflops are the encoder's per image
+    decoder_gflops_per_box: float | None = None  # box: the prompt decoder's per box
 
 
 def modality_with_most_masks(available: tuple[str, ...], samples: list[Sample]) -> str:
@@ -52,7 +55,8 @@ def prepare_model(
 
     from ..atomic import file_sha256
     from ..model import ESPMedSAM, get_preset, load_checkpoint
-    from ..model.summary import count_flops
+    from ..model.summary import count_box_flops, count_flops
+    from ..runtimes.metadata import SHARED_TRUNK
     from .weights import random_checkpoint
 
     def pick(available: tuple[str, ...]) -> str:
@@ -64,11 +68,23 @@ def prepare_model(
         path, weights = Path(opts.checkpoint), {"kind": "checkpoint"}
     else:
         cfg = get_preset(opts.preset, image_size=opts.imgsz) if opts.imgsz else get_preset(opts.preset)
+        cfg = cfg.with_(box_prompts=opts.prompt == "box")
         modality = choose_modality(ESPMedSAM(cfg), opts.modality, pick=pick)  # what random weights of cfg serve
         model, path, weights = random_checkpoint(
             cfg, seed=opts.seed, modality=modality, samples=samples, out=out, log=log
         )
     cfg = model.config
+    if opts.prompt == "box":
+        if not model.has_box_prompts:
+            raise EspmedError(f"{path}: --prompt box needs a model with a box-prompted path; this one has none")
+        encoder, decoder = count_box_flops(model, cfg.image_size)
+        return BenchModel(
+            checkpoint=str(path), checkpoint_sha256=file_sha256(path), checkpoint_mb=path.stat().st_size / 1e6,
+            weights=weights, preset=cfg.preset, image_size=cfg.image_size,
+            modality=opts.modality or SHARED_TRUNK,  # boxes: the shared trunk unless a modality is named
+            modalities=list(cfg.modalities), gflops=encoder / 1e9, threshold=cfg.preprocessing.mask_threshold,
+            prompt="box", decoder_gflops_per_box=decoder / 1e9,
+        )
     return BenchModel(
         checkpoint=str(path),
         checkpoint_sha256=file_sha256(path),

@@ -13,6 +13,9 @@ REFERENCE = reference().name
 DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_WORKER_TIMEOUT_S = 1800
+#: What the rows segment: self-prompted masks, or box prompts (one box per ground-truth connected
+#: component, the encoder timed per image and the prompt decoder per box).
+PROMPTS = ("self", "box")
 
 
 @dataclass
@@ -33,8 +36,11 @@ class BenchOptions:
     seed: int = 0
     preset: str = "esp-medsam"
     worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
+    prompt: str = PROMPTS[0]
 
     def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise EspmedError(f"--prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         for name in ("runs", "batch"):
             if getattr(self, name) < 1:
                 raise EspmedError(f"--{name} must be >= 1, got {getattr(self, name)}")

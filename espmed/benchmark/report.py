@@ -53,6 +53,18 @@ TABLE_COLUMNS = (
 )
 
 
+#: Box-prompt runs add these after the named column.
+BOX_COLUMNS = {"p99 ms": "dec ms/box", "GT Dice": "GT box Dice"}
+
+
+def table_columns(report: BenchReport) -> list[str]:
+    columns = list(TABLE_COLUMNS)
+    if report.model.prompt == "box":
+        for after, name in BOX_COLUMNS.items():
+            columns.insert(columns.index(after) + 1, name)
+    return columns
+
+
 def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
@@ -83,13 +95,17 @@ def _fields(r: dict) -> dict:
         "max |dlogit|": vs.get("max_abs_logit_error"),
         "GT Dice": gt.get("dice_mean"),
         "GT IoU": gt.get("iou_mean"),
-    }
+    } | ({
+        "dec ms/box": (r.get("decoder_ms_per_box") or {}).get("one_box_p50"),
+        "GT box Dice": r.get("box_dice_vs_truth_mean"),
+    } if r.get("prompt") == "box" else {})
 
 
 _FORMATS = {
     "p50 ms": ".1f", "p95 ms": ".1f", "p99 ms": ".1f", "speed-up": ".2f", "img/s": ".2f", "cold s": ".2f",
     "cold cached s": ".2f", "peak RSS MB": ".0f", "size MB": ".1f", "GFLOP/s": ".1f", "% GEMM peak": ".0f",
     "Dice min": ".4f", "Dice mean": ".4f", "max |dlogit|": ".2e", "GT Dice": ".3f", "GT IoU": ".3f",
+    "dec ms/box": ".1f", "GT box Dice": ".3f",
 }
 
 
@@ -104,6 +120,16 @@ def _cells(r: dict) -> dict[str, str]:
 def summary_lines(report: BenchReport) -> list[str]:
     m, cpu, o = report.model, report.host["cpu"], report.options
     weights = "seeded random weights" if m.weights.get("kind") == "random" else m.checkpoint
+    if m.prompt == "box":
+        what = [
+            f"box prompts: one box per 8-connected ground-truth component (touching structures share one); "
+            f"p50/p99 ms = the image encoder per image ({m.gflops:.1f} GFLOPs), dec ms/box = the prompt decoder "
+            f"for one box ({m.decoder_gflops_per_box:.1f} GFLOPs); Dice vs FP32 and GT Dice: the union of an "
+            "image's box masks; GT box Dice: each box's mask vs its own component, mean over boxes",
+        ]
+    else:
+        what = ["latency = graph call on a pre-processed image (batch 1); speed-up and accuracy are vs torch "
+                "eager FP32 measured in this run; Dice min/mean over images, mask = logit >= threshold"]
     return [
         f"model: {m.preset} {m.image_size}x{m.image_size}, {m.gflops:.1f} GFLOPs/image, "
         f"modality {m.modality}, {weights}",
@@ -111,9 +137,7 @@ def summary_lines(report: BenchReport) -> list[str]:
         f"measured FP32 GEMM peak {report.gemm['gflops']:.0f} GFLOP/s at {report.gemm['threads']} threads",
         f"run: {o['threads']} threads, batch {o['batch']}, {o['warmup']} warm-up + {o['runs']} timed runs, "
         f"data: {o['data']}, {len(m.images)} images ({', '.join(m.images)})",
-        "latency = graph call on a pre-processed image (batch 1); speed-up and accuracy are vs torch "
-        "eager FP32 measured in this run; Dice min/mean over images, mask = logit >= threshold",
-    ] + report.notes
+    ] + what + report.notes
 
 
 def rich_table(report: BenchReport):
@@ -122,18 +146,19 @@ def rich_table(report: BenchReport):
     reasons = [f"{r['name']}: {r['status']}, {r['reason']}" for r in report.rows if r["status"] != "ok"]
     caption = "\n".join(summary_lines(report) + reasons)
     table = Table(title="espmed bench", caption=caption, caption_justify="left")
-    for k in TABLE_COLUMNS:
+    columns = table_columns(report)
+    for k in columns:
         table.add_column(k, justify="left" if k in ("target", "status") else "right")
     for r in report.rows:
         c = _cells(r)
-        table.add_row(*(c[k] for k in TABLE_COLUMNS), style=None if r["status"] == "ok" else "dim")
+        table.add_row(*(c.get(k, "") for k in columns), style=None if r["status"] == "ok" else "dim")
     return table
 
 
 def to_csv(report: BenchReport) -> str:
     buf = io.StringIO()
     rows = [{k: ("" if v is None else v) for k, v in _fields(r).items()} for r in report.rows]
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["target"])
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["target"])
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -161,12 +186,12 @@ def kernel_lines(report: BenchReport, top: int = TOP_KERNELS) -> list[str]:
 
 def to_markdown(report: BenchReport, chart_name: str | None = None) -> str:
     rows = [_cells(r) for r in report.rows]
-    keys = list(rows[0].keys()) if rows else []
+    keys = list(dict.fromkeys(k for c in rows for k in c))
     lines = ["# espmed bench", ""]
     lines += [f"- {line}" for line in summary_lines(report)]
     lines += ["", "| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     for c in rows:
-        lines.append("| " + " | ".join(c[k].replace("|", "\\|") for k in keys) + " |")
+        lines.append("| " + " | ".join(c.get(k, "").replace("|", "\\|") for k in keys) + " |")
     kernels = kernel_lines(report)
     if kernels:
         lines += [

@@ -43,6 +43,11 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("bench-results"), "--out", "-o", help="Folder for results and cached exports."),
         seed: int = typer.Option(0, "--seed", help="Seed of the --random-weights."),
         preset: str = typer.Option("esp-medsam", "--preset", help="Architecture of the --random-weights."),
+        prompt: str = typer.Option(
+            "self", "--prompt",
+            help="self: self-prompted masks; box: box prompts, one per ground-truth component (encoder ms per "
+                 "image, decoder ms per box, box Dice); --modality then picks a controller, default the shared trunk.",
+        ),
     ) -> None:
         """Export and measure every backend this machine supports, each in a fresh process."""
         from rich.console import Console
@@ -63,6 +68,7 @@ def register(app: typer.Typer) -> None:
         opts = BenchOptions(
             checkpoint=checkpoint, modality=modality, targets=targets, data=data, imgsz=imgsz, runs=runs,
             warmup=warmup, threads=threads, batch=batch, max_drop=max_drop, out=out, seed=seed, preset=preset,
+            prompt=prompt,
         )
         console = Console()
         if not console.is_terminal:  # logs and pipes: keep the table's rows on one line each

@@ -29,6 +29,10 @@ def parameter_table(model: ESPMedSAM) -> dict[str, int]:
         table[f"controller {ctrl} ({label})"] = _count(model.controller_parameters(ctrl))
     table["SPPG"] = _count(model.sppg.parameters())
     table["decoder (QDMD)"] = _count(model.decoder.parameters())
+    if model.has_box_prompts:
+        table["box path: patch embed"] = _count(model.box_patch_embed.parameters())
+        table["box path: prompt encoder"] = _count(model.prompt_encoder.parameters())
+        table["box path: mask decoder"] = _count(model.box_decoder.parameters())
     table["total"] = _count(model.parameters())
     return table
 
@@ -45,3 +49,14 @@ def count_flops(model: ESPMedSAM, image_size: int | None = None, modality: int |
     with FlopCounterMode(display=False) as counter:
         meta_model(torch.zeros(1, model.config.in_chans, size, size, device="meta"), modality)
     return counter.get_total_flops()
+
+
+def count_box_flops(model: ESPMedSAM, image_size: int | None = None) -> tuple[int, int]:
+    """FLOPs of the box-prompted path at `image_size`: (the image encoder, the prompt decoder per box)."""
+    size = image_size or model.config.image_size
+    meta_model = ESPMedSAM(model.config).to("meta").eval()
+    with FlopCounterMode(display=False) as encoder:
+        embedding = meta_model.embed_for_boxes(torch.zeros(1, model.config.in_chans, size, size, device="meta"))
+    with FlopCounterMode(display=False) as decoder:
+        meta_model.decode_boxes(embedding, torch.zeros(1, 4, device="meta"))
+    return encoder.get_total_flops(), decoder.get_total_flops()
