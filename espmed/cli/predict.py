@@ -24,15 +24,17 @@ def print_summary(console, outcomes: list, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"espmed predict -> {out}")
-    columns = (("input", "left"), ("frames", "right"), ("mask %", "right"), ("ms/frame", "right"),
-               ("outputs", "right"), ("status", "left"))
+    boxes = any(o.boxes for o in outcomes)  # the column only where boxes were segmented
+    columns = (("input", "left"), ("frames", "right"), *((("boxes", "right"),) if boxes else ()),
+               ("mask %", "right"), ("ms/frame", "right"), ("outputs", "right"), ("status", "left"))
     for col, justify in columns:
         table.add_column(col, justify=justify)
     for o in outcomes:
+        count = (str(o.boxes or ""),) if boxes else ()
         if o.error:
-            table.add_row(o.label.name, "", "", "", "", "[red]failed[/red]")
+            table.add_row(o.label.name, "", *("",) * len(count), "", "", "", "[red]failed[/red]")
         else:
-            table.add_row(o.label.name, str(o.frames), f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}",
+            table.add_row(o.label.name, str(o.frames), *count, f"{100 * o.foreground:.1f}", f"{o.infer_ms:.1f}",
                           str(len(o.outputs)), "[green]ok[/green]")
     console.print(table)
     for o in outcomes:
@@ -77,29 +79,40 @@ def register(app: typer.Typer) -> None:
             None, "--imgsz", help="Checkpoints only: input size to run at (multiple of 32)."
         ),
         no_verify: bool = typer.Option(False, "--no-verify", help="Skip the artifact manifest hash check."),
+        box: list[str] = typer.Option(
+            [], "--box",
+            help="Box prompt x0,y0,x1,y1 in the image's pixels (x = column, 0-based, x1/y1 inclusive); repeatable; "
+                 "one image input only.",
+        ),
+        boxes_file: Path | None = typer.Option(
+            None, "--boxes", help='Box prompts per input: JSON {"<input path or file name>": [[x0, y0, x1, y1], ...]}.'
+        ),
     ) -> None:
         """Segment medical images with an exported artifact (or a checkpoint)."""
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from ..errors import EspmedError
-        from ..pipeline import FORMATS, PredictOptions, collect_jobs, model_hash, run_job
+        from ..pipeline import FORMATS, PredictOptions, check_prompts, collect_jobs, model_hash, prompt_boxes, run_job
         from ..runtimes import load
 
         if fmt not in FORMATS:
             raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         console = Console(stderr=True)
+        jobs, outcomes, ignored = collect_jobs(list(inputs))
+        if not jobs and not outcomes:
+            raise EspmedError("no supported images found in the inputs")
+        boxes = prompt_boxes(list(inputs), jobs, box, boxes_file)  # before the model loads: a bad box fails fast
         seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
                    modality=modality, image_size=imgsz)
         console.print(f"model: {seg.source.name} ({describe_runtime(seg)}, modality {seg.modality}, "
                       f"{seg.input_size} px)", soft_wrap=True, highlight=False)
-        jobs, outcomes, ignored = collect_jobs(list(inputs))
         if ignored:
             console.print(f"ignoring {len(ignored)} file(s) that are not images (e.g. {ignored[0]})", highlight=False)
-        if not jobs and not outcomes:
-            raise EspmedError("no supported images found in the inputs")
+        check_prompts(seg, jobs, boxes)
         out.mkdir(parents=True, exist_ok=True)
-        opts = PredictOptions(out, fmt=fmt, overlay=overlay, axis=axis, model_hash=model_hash(seg.source, seg.metadata))
+        opts = PredictOptions(out, fmt=fmt, overlay=overlay, axis=axis, model_hash=model_hash(seg.source, seg.metadata),
+                              boxes=boxes)
         used: set[str] = set()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:

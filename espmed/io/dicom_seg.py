@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,28 +35,87 @@ _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "espmed:derived-uid")
 SEG_UNSUPPORTED = (ValueError, TypeError, AttributeError, KeyError)
 
 
-def _segmentation(sources, masks, *, label, modality_name, series_uid, sop_uid, instance_number):
-    """highdicom's Segmentation; fresh random UIDs where none are given."""
+@dataclass(frozen=True)
+class Algorithm:
+    """What made a SEG's segments (its Algorithm Identification): the model, not only espmed."""
+
+    name: str = "ESP-MedSAM (espmed)"
+    version: str = __version__
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+#: SNOMED CT (value, meaning) pairs of the segmented property codes used below.
+_ANATOMICAL_STRUCTURE = ("91723000", "Anatomical Structure")  # CID 7150 category
+_ABNORMAL_STRUCTURE = ("49755003", "Morphologically Abnormal Structure")  # CID 7150 category
+#: What each shipped modality's query segments (the model card): category, type, anatomic region or None.
+#: "Cell nucleus" is SNOMED's synonym of 84640000 (preferred term "Nucleus"), unambiguous in a viewer.
+_MODALITY_SEGMENTS = {
+    "microscopy": (_ANATOMICAL_STRUCTURE, ("84640000", "Cell nucleus"), None),
+    "ct-lesion": (_ABNORMAL_STRUCTURE, ("108369006", "Neoplasm"), ("39607008", "Lung")),
+    "mr-lesion": (_ABNORMAL_STRUCTURE, ("52988006", "Lesion"), None),
+}
+#: A box prompt's mask, or a modality the table does not know: the type is SNOMED's "Body structure",
+#: the parent of both normal anatomy (91723000) and morphologically abnormal structures (49755003),
+#: so it is true of whatever a box encloses (an organ, a lesion, a nucleus); CID 7150 has no category
+#: above both, and "Anatomical Structure" is the one a generic body structure falls under.
+_GENERIC_SEGMENT = (_ANATOMICAL_STRUCTURE, ("123037004", "Body structure"), None)
+
+
+def segment_codes(modality: str | None) -> tuple:
+    """(category, type, anatomic regions) of a mask: the modality's own codes, else the generic ones."""
+    from highdicom.sr import CodedConcept
+
+    category, kind, region = _MODALITY_SEGMENTS.get(modality or "", _GENERIC_SEGMENT)
+    regions = [CodedConcept(region[0], "SCT", region[1])] if region else []
+    return CodedConcept(category[0], "SCT", category[1]), CodedConcept(kind[0], "SCT", kind[1]), regions
+
+
+def box_text(box: Sequence[float]) -> str:
+    """A box as its segment's description says it (at most 64 characters, an LO)."""
+    return "box x0,y0,x1,y1 = " + ",".join(f"{float(v):g}" for v in box)
+
+
+def _descriptions(label: str, modality_name: str, algorithm: Algorithm, boxes) -> list:
+    """One segment for the self-prompted mask (the modality's codes), or one per box (generic codes,
+    the box in the segment's description)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    pixel_array = np.stack([np.asarray(m, dtype=bool) for m in masks]).astype(np.uint8)
-    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) == 1:
-        pixel_array = pixel_array[0]
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ESP-MedSAM (espmed)",
-        version=__version__,
-        family=codes.cid7162.ArtificialIntelligence,
-        parameters={"modality": modality_name} if modality_name else None,
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name, version=algorithm.version, family=codes.cid7162.ArtificialIntelligence,
+        parameters=algorithm.parameters or None,
     )
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=label,
-        segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.Tissue,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-    )
+    segments = [(None, label, *segment_codes(modality_name))] if boxes is None else [
+        (box, f"box {k}", *segment_codes(None)) for k, box in enumerate(boxes, 1)
+    ]
+    out = []
+    for number, (box, name, category, kind, regions) in enumerate(segments, 1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=kind, anatomic_regions=regions or None,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if box is not None
+            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+        )
+        if box is not None:
+            description.SegmentDescription = box_text(box)
+        out.append(description)
+    return out
+
+
+def _segmentation(
+    sources, masks, *, label, modality_name, series_uid, sop_uid, instance_number, algorithm=None, boxes=None
+):
+    """highdicom's Segmentation; fresh random UIDs where none are given. Without boxes, `masks` has one
+    mask per source frame; with boxes (N x 4), the N masks of the one frame, segment k = box k."""
+    import highdicom as hd
+
+    if boxes is None:
+        pixel_array = np.stack([np.asarray(m, dtype=bool) for m in masks]).astype(np.uint8)
+        if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) == 1:
+            pixel_array = pixel_array[0]
+    else:
+        pixel_array = np.moveaxis(np.asarray(masks, dtype=bool), 0, -1)[None].astype(np.uint8)  # (1, H, W, N)
     first = sources[0]
     with warnings.catch_warnings():  # highdicom's notes on the source's own attributes
         warnings.simplefilter("ignore", UserWarning)
@@ -63,7 +123,7 @@ def _segmentation(sources, masks, *, label, modality_name, series_uid, sop_uid, 
             source_images=_valid_copies(sources),
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[description],
+            segment_descriptions=_descriptions(label, modality_name, algorithm or Algorithm(), boxes),
             series_instance_uid=series_uid or hd.UID(),
             series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
             sop_instance_uid=sop_uid or hd.UID(),
@@ -121,20 +181,26 @@ def dicom_results(
     series_uid: str | None = None,
     sop_uid: str | None = None,
     instance_number: int = 1,
+    algorithm: Algorithm | None = None,
+    boxes: np.ndarray | None = None,
 ) -> tuple[list, str | None]:
     """(datasets, note): the SEG of `masks`, or where the source cannot have one (e.g. a
     multi-frame image without Frame of Reference) one Secondary Capture overlay per frame, with a
-    one-line note saying so. frames: the display frames the masks were computed on."""
+    one-line note saying so. frames: the display frames the masks were computed on.
+
+    With `boxes` (N x 4, one 2-D frame), `masks` are the N box masks: segment k = box k, each whole
+    (a BINARY SEG holds overlaps), the box in its description; an overlay draws their union.
+    """
     try:
         seg = _segmentation(
             sources, masks, label="ESP-MedSAM mask", modality_name=modality_name, series_uid=series_uid,
-            sop_uid=sop_uid, instance_number=instance_number,
+            sop_uid=sop_uid, instance_number=instance_number, algorithm=algorithm, boxes=boxes,
         )
         return [seg], None
     except SEG_UNSUPPORTED as exc:
         why = f"no DICOM SEG for this source ({first_line(exc, with_type=True)})"
     captures = overlay_secondary_captures(
-        sources, frames, masks,
+        sources, frames, masks if boxes is None else [np.any(masks, axis=0)],
         series_uid=derived_uid(series_uid, "sc") if series_uid else None,
         sop_uid=sop_uid,
     )

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,16 +23,23 @@ def image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def read_header(fh: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) an `.npy` stream declares, read without its data: what to check before reading it."""
+    fmt = np.lib.format
+    read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return tuple(int(s) for s in shape), dtype
+
+
 def read_npy(path: Path) -> np.ndarray:
     """A numeric 2-D image (H, W) or (H, W, C) as stored; never unpickles."""
     try:
         with open(path, "rb") as fh:
             fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
-            shape, _, dtype = read_header(fh)
+            shape, dtype = read_header(fh)
             if dtype.kind not in "biuf":
                 raise ImageReadError(f"{path}: not a numeric image (dtype {dtype})")
-            shape = image_shape(path, tuple(int(s) for s in shape))
+            shape = image_shape(path, shape)
             check_declared_size(path, shape, shape[:2])
             fh.seek(0)
             array = fmt.read_array(fh, allow_pickle=False)

@@ -1,4 +1,4 @@
-"""Mask and overlay PNGs (Pillow), written atomically."""
+"""Mask, label and overlay PNGs (Pillow), written atomically."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def png_bytes(array: np.ndarray) -> bytes:
 def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     """Binary mask as an 8-bit PNG: 0 background, 255 foreground."""
     write_bytes(path, png_bytes(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)))
+    return Path(path)
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
+    """Label image as a PNG of its own depth (8-bit for uint8, 16-bit for uint16): value k = segment k."""
+    write_bytes(path, png_bytes(np.asarray(labels)))
     return Path(path)
 
 
