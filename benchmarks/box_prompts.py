@@ -339,9 +339,9 @@ def markdown(result: dict) -> str:
         "",
         "The first columns are the shipped checkpoint as it loads. The last two decode the same embedding "
         "with the prompt encoder and box decoder replaced by LiteMedSAM's float32 weights "
-        f"(`attach_box_prompts`): the checkpoint stores those two parts as {result['machine']['box_weight_dtypes']} "
-        "(its trunk, neck and box patch embed as float32), so what separates the two column groups is that "
-        "storage alone.",
+        "(`attach_box_prompts`), a control for the file's storage: it keeps those two parts as "
+        f"{result['machine']['box_weight_dtypes']} (its trunk, neck and box patch embed as float32; stored as "
+        "float16, the box path put one 3x8 px nucleus at Dice 0.980).",
         "",
         "Images: microscopy = stardist's DSB-2018 nuclei image (full 512², left half, the two test quadrants); "
         "histology = stardist histo.jpg, scikit-image immunohistochemistry; CT = pyradiomics lung1/lung2 "

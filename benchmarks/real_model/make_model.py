@@ -21,8 +21,8 @@ Stages (outputs and training logs under runs/real/<stage>/, results under benchm
   eval     the stage-3 model at 1024² on the held-out images/volumes: Dice/IoU/HD95/NSD per image
            and per volume (pooled over its slices), plus the held-out teacher cosine.
   ship     fp16 safetensors under espmed/assets/models/ (the loader upcasts to fp32), but the shared
-           encoder (trunk without controllers, neck, box patch embed) in fp32; measured again from the
-           stored file, and its model card.
+           encoder (trunk without controllers, neck) and the box-prompted path in fp32; measured again
+           from the stored file, and its model card.
   box      (not part of `all`) the stage-3 model of a file shipped before the box-prompted path, as
            `all` now makes it (see `stage_box`); then `ship`.
 
@@ -312,7 +312,7 @@ def stage_ship(args) -> None:
     model.config = model.config.with_(image_size=EVAL_SIZE)
     out = default_checkpoint(required=False)
     save_checkpoint(model, out, {"espmed.real.recipe": "python benchmarks/real_model/make_model.py all"},
-                    dtype=torch.float16, float32_keys=model.shared_encoder_keys())
+                    dtype=torch.float16, float32_keys=model.float32_keys())
     shipped = load_checkpoint(out)
     result = evaluate_model(shipped, RUNS / "ship")
     result["cosine"] = held_out_cosine(shipped, _samples(load_config(DISTILL_CONFIG), "test"),
@@ -338,8 +338,8 @@ def stage_box(args) -> None:
     fresh = ESPMedSAM(old.config.with_(box_prompts=True))
     init_from_litemedsam(fresh)
     state, init = old.state_dict(), fresh.state_dict()
-    for key in fresh.shared_encoder_keys():
-        if key.startswith("box_patch_embed.") or key.endswith("num_batches_tracked"):
+    for key in fresh.float32_keys():
+        if not key.startswith(("trunk.", "neck.")) or key.endswith("num_batches_tracked"):
             continue
         if not torch.equal(state[key], init[key].half().float()):
             raise SystemExit(f"{key}: not LiteMedSAM's initialisation; the shared encoder was trained, rerun `all`")
@@ -381,6 +381,13 @@ def metrics_table(result: dict) -> list[str]:
     return lines
 
 
+def box_prompt_tables(path: Path) -> str:
+    """The parity and ground-truth tables of `benchmarks/box_prompts.py`'s Markdown, one heading level down."""
+    text = path.read_text(encoding="utf-8")
+    body = text[text.index("## Parity"):]
+    return body.replace("\n## ", "\n### ").replace("## Parity", "### Parity", 1).strip()
+
+
 def write_reports() -> None:
     """benchmarks/real_model/results/README.md from the stages' JSON; the model card when shipped."""
     from espmed.atomic import write_text
@@ -414,12 +421,15 @@ def write_reports() -> None:
             lines += ["", f"## Held-out segmentation at 1024² ({name})", "", *metrics_table(r)]
     write_text(RESULTS / "README.md", "\n".join(lines) + "\n")
     ship = _load("ship")
+    box_results = REPO / "benchmarks" / "results" / "box_prompts.md"
     if ship:
         card = (Path(__file__).with_name("MODEL_CARD.template.md")).read_text()
         card = card.replace("{{FILE}}", f"`{Path(ship['file']['path']).name}`, {ship['file']['bytes']:,} bytes, "
                             f"sha256 `{ship['file']['sha256']}`")
         card = card.replace("{{COSINE}}", "\n".join(cosine_table()))
         card = card.replace("{{METRICS}}", "\n".join(metrics_table(ship)))
+        card = card.replace("{{BOX_PROMPTS}}", box_prompt_tables(box_results) if box_results.is_file()
+                            else "(not measured yet: run the command above)")
         card = card.replace("{{PARAMETERS}}", "\n".join(
             ["| part | parameters |", "|---|---:|"] + [f"| {k} | {v:,} |" for k, v in ship["parameters"].items()]))
         card = card.replace("{{INIT}}", "\n".join(

@@ -207,11 +207,12 @@ class ESPMedSAM(nn.Module):
         """Parameters of one modality controller across all blocks."""
         return [p for bank in self.controller_banks() for p in bank.slots[controller].parameters()]
 
-    def shared_encoder_keys(self) -> list[str]:
-        """state_dict keys of the modality-independent encoder: the trunk without its controllers, the
-        neck and the box path's patch embed. The shipped file keeps them in float32: in float16 they
-        move box masks of small structures off LiteMedSAM's (parity measured in the model card)."""
-        return [k for k in self.state_dict() if k.startswith(("trunk.", "neck.", "box_patch_embed."))
+    def float32_keys(self) -> list[str]:
+        """state_dict keys a float16 file keeps in float32: the modality-independent encoder (the trunk
+        without its controllers, the neck) and the box-prompted path. In float16 they move box masks
+        of small structures off LiteMedSAM's (parity measured in the model card)."""
+        return [k for k in self.state_dict()
+                if k.startswith(("trunk.", "neck.", "box_patch_embed.", "prompt_encoder.", "box_decoder."))
                 and ".controllers." not in k]
 
     def trunk_shared_parameters(self) -> list[nn.Parameter]:
