@@ -1,5 +1,8 @@
 """The accuracy gate: does an artifact still segment each held-out image as the FP32 model does?
 
+A self-prompted export is judged by each image's mask; a box-prompted pair by each image's masks of
+a fixed set of boxes (`GATE_BOXES`: the whole image and its quadrants), through `embed` and `decode`.
+
 Candidates are judged through the runtime's own `Segmenter` (the staged file, metadata embedded,
 opened by `espmed.runtimes.load`), so the gate runs what a device runs: the same preprocessing of
 the decoded image, the same graph call (a fixed batch zero-padded), the same restoration and mask
@@ -22,31 +25,76 @@ from espmed.runtimes.base import Segmenter
 
 @dataclass(frozen=True)
 class Outputs:
-    """One image through a Segmenter: raw graph outputs and the mask a device would return."""
+    """One judged mask through a Segmenter: raw outputs and the mask a device would return."""
 
-    lowres: np.ndarray  # (S/4, S/4) mask logits
-    patches: np.ndarray  # (S/32, S/32) SPPG patch logits
+    logits: np.ndarray  # self-prompted: lowres (S/4, S/4) mask logits; box: the box's logits at the image's size
+    side: np.ndarray  # self-prompted: SPPG patch logits (S/32, S/32); box: the IoU estimate (1,)
     mask: np.ndarray  # bool (H, W), the image's own size
 
 
-def segment(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> list[Outputs]:
-    """`images` through `segmenter`'s preprocess, graph and postprocess, `max(batch, 1)` per call."""
+def segment(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> list[list[Outputs]]:
+    """Each image's self-prompted mask through `segmenter`'s preprocess, graph and postprocess,
+    `max(batch, 1)` images per call."""
     outputs = []
     for part in segmenter.run_chunks(images, max(batch, 1)):
         for i, box in enumerate(part.boxes):
             pred = segmenter.postprocess(part.lowres[i, 0], part.patches[i, 0], box)
-            outputs.append(Outputs(part.lowres[i, 0], part.patches[i, 0], pred.mask))
+            outputs.append([Outputs(part.lowres[i, 0], part.patches[i, 0], pred.mask)])
     return outputs
+
+
+#: The boxes a box export is judged with on each held-out image, as fractions (x0, y0, x1, y1) of its
+#: last column and row: the whole image, then its four quadrants.
+GATE_BOXES = ((0, 0, 1, 1), (0, 0, 0.5, 0.5), (0.5, 0, 1, 0.5), (0, 0.5, 0.5, 1), (0.5, 0.5, 1, 1))
+
+
+def gate_boxes(image_hw: tuple[int, int]) -> np.ndarray:
+    """`GATE_BOXES` in the pixels of an image of `image_hw`."""
+    h, w = image_hw
+    return np.asarray(GATE_BOXES, np.float64) * [w - 1, h - 1, w - 1, h - 1]
+
+
+def segment_boxes(segmenter: Segmenter, images: Sequence[np.ndarray], batch: int) -> list[list[Outputs]]:
+    """Each image's masks of its `gate_boxes` through `segmenter.embed` and `decode` (the box path's
+    preprocess, letterbox mapping, restore and mask rule a device runs); `batch` does not apply."""
+    outputs = []
+    for image in images:
+        pred = segmenter.decode(segmenter.embed(image), gate_boxes(image.shape[:2]), return_logits=True)
+        outputs.append([Outputs(lo, np.asarray([q], np.float32), m) for lo, q, m in zip(
+            pred.logits, pred.iou, pred.masks, strict=True)])
+    return outputs
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How a gate runs images through a Segmenter, and how its record names what it compared."""
+
+    run: Callable[[Segmenter, Sequence[np.ndarray], int], list[list[Outputs]]]  # per image, its masks
+    keys: tuple[str, str]  # the record's names of the largest |Δ| of `Outputs.logits` and `Outputs.side`
+    name: Callable[[str, int], str]  # (image name, mask k of the image) -> the mask's name in the record
+    rule: dict = field(default_factory=dict)  # what else the record states about the judged masks
+
+
+#: The judges of each graph kind an export makes (`espmed.runtimes.formats.PROMPTS`).
+JUDGES = {
+    "self": Judge(segment, ("max_abs_lowres_logit", "max_abs_patch_logit"), lambda image, k: image),
+    "box": Judge(
+        segment_boxes, ("max_abs_logit", "max_abs_iou"), lambda image, k: f"{image} box {k + 1}",
+        {"boxes": "per image: the whole image, then its four quadrants (top left, top right, bottom left, "
+                   "bottom right); one mask per box through the runtime's embed and decode",
+         "box_fractions": [list(b) for b in GATE_BOXES]},
+    ),
+}
 
 
 @dataclass
 class Comparison:
-    """A candidate against the FP32 reference, per gated image."""
+    """A candidate against the FP32 reference, per gated mask."""
 
-    images: list[str]
+    images: list[str]  # the gated masks' names: an image's, or for box prompts "<image> box <k>"
     dice: list[float]
-    max_abs_lowres: float
-    max_abs_patch: float
+    max_abs_logit: float
+    max_abs_side: float
 
     @property
     def drops(self) -> list[float]:
@@ -69,14 +117,17 @@ class Attempt:
 
 @dataclass(kw_only=True)
 class Gate:
-    """FP32 reference outputs on the held-out images with foreground, and the rule to pass."""
+    """FP32 reference outputs of the held-out masks with foreground, and the rule to pass."""
 
-    images: dict[str, np.ndarray]  # name -> decoded image, the gated held-out images
-    reference: list[Outputs]  # FP32, one per gated image
-    max_drop: float  # largest allowed per-image Dice drop vs FP32
+    images: dict[str, np.ndarray]  # name -> decoded image, the held-out images with a gated mask
+    reference: list[Outputs]  # FP32, one per gated mask
+    masks: list[tuple[int, int]]  # per gated mask: (its image's position in `images`, its index in the image)
+    names: list[str]  # per gated mask: its name in the record
+    max_drop: float  # largest allowed per-mask Dice drop vs FP32
     threshold: float  # the mask threshold every candidate's metadata must carry
     batch: int  # images per graph call: the artifact's fixed batch (0: dynamic, one at a time)
-    without_foreground: list[str] = field(default_factory=list)  # held out, FP32 mask empty: not gated
+    judge: Judge = JUDGES["self"]
+    without_foreground: list[str] = field(default_factory=list)  # held-out masks empty in FP32: not gated
     on_attempt: Callable[[Attempt], None] | None = None
 
     @classmethod
@@ -88,42 +139,51 @@ class Gate:
         max_drop: float,
         threshold: float,
         batch: int,
+        judge: Judge = JUDGES["self"],
         on_attempt: Callable[[Attempt], None] | None = None,
     ) -> Gate:
-        """Run the FP32 `reference` on `held_out` and keep the images whose mask has foreground."""
+        """Run the FP32 `reference` on `held_out` and keep the masks with foreground."""
         _check_threshold(reference, threshold)
-        outputs = segment(reference, list(held_out.values()), batch)
-        kept = {name: out for name, out in zip(held_out, outputs, strict=True) if out.mask.any()}
+        outputs = judge.run(reference, list(held_out.values()), batch)
+        judged = [(image, k, out) for image, outs in zip(held_out, outputs, strict=True) for k, out in enumerate(outs)]
+        kept = [(image, k, out) for image, k, out in judged if out.mask.any()]
         if not kept:
             raise ExportError(
                 f"no held-out image has foreground in the FP32 mask ({', '.join(held_out)}): the accuracy gate "
                 "would compare empty masks only; give --calib images that show the structure"
             )
+        images = list(dict.fromkeys(image for image, _, _ in kept))
         return cls(
-            images={name: held_out[name] for name in kept},
-            reference=list(kept.values()),
+            images={image: held_out[image] for image in images},
+            reference=[out for _, _, out in kept],
+            masks=[(images.index(image), k) for image, k, _ in kept],
+            names=[judge.name(image, k) for image, k, _ in kept],
             max_drop=max_drop,
             threshold=threshold,
             batch=batch,
-            without_foreground=[name for name in held_out if name not in kept],
+            judge=judge,
+            without_foreground=[judge.name(image, k) for image, k, out in judged if not out.mask.any()],
             on_attempt=on_attempt,
         )
 
     def compare(self, candidate: Segmenter) -> Comparison:
         _check_threshold(candidate, self.threshold)
-        pairs = list(zip(segment(candidate, list(self.images.values()), self.batch), self.reference, strict=True))
+        outputs = self.judge.run(candidate, list(self.images.values()), self.batch)
+        pairs = [(outputs[i][k], ref) for (i, k), ref in zip(self.masks, self.reference, strict=True)]
         return Comparison(
-            images=list(self.images),
+            images=list(self.names),
             dice=[dice(out.mask, ref.mask) for out, ref in pairs],
-            max_abs_lowres=max(float(np.abs(out.lowres - ref.lowres).max()) for out, ref in pairs),
-            max_abs_patch=max(float(np.abs(out.patches - ref.patches).max()) for out, ref in pairs),
+            max_abs_logit=max(float(np.abs(out.logits - ref.logits).max()) for out, ref in pairs),
+            max_abs_side=max(float(np.abs(out.side - ref.side).max()) for out, ref in pairs),
         )
 
     def dice_of(self, candidate: Segmenter, indices: Sequence[int]) -> list[float]:
-        """Dice vs FP32 of the gated images at `indices` (positions in `images`) through `candidate`."""
+        """Dice vs FP32 of the gated masks of the images at `indices` (positions in `images`) through `candidate`."""
         names = list(self.images)
-        outputs = segment(candidate, [self.images[names[i]] for i in indices], self.batch)
-        return [dice(out.mask, self.reference[i].mask) for out, i in zip(outputs, indices, strict=True)]
+        runs = self.judge.run(candidate, [self.images[names[i]] for i in indices], self.batch)
+        reference = dict(zip(self.masks, self.reference, strict=True))
+        return [dice(out.mask, reference[i, k].mask) for i, outs in zip(indices, runs, strict=True)
+                for k, out in enumerate(outs) if (i, k) in reference]
 
     def check(self, candidate: Segmenter, target: str) -> Comparison:
         """Compare, and refuse a candidate that drops more than `max_drop` on any gated image."""
@@ -161,6 +221,7 @@ class Gate:
 
     def describe(self, result: Comparison) -> dict:
         """The `accuracy` entry of the metadata: every gated image's Dice and drop."""
+        logit_key, side_key = self.judge.keys
         return {
             "reference": "fp32",
             "threshold": self.threshold,
@@ -170,8 +231,9 @@ class Gate:
             "drop": [round(d, 6) for d in result.drops],
             "min_dice": round(min(result.dice), 6),
             "without_foreground": list(self.without_foreground),
-            "max_abs_lowres_logit": result.max_abs_lowres,
-            "max_abs_patch_logit": result.max_abs_patch,
+            logit_key: result.max_abs_logit,
+            side_key: result.max_abs_side,
+            **self.judge.rule,
         }
 
     def describe_search(self, best: Attempt, attempts: Sequence[Attempt]) -> dict:

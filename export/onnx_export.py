@@ -5,7 +5,8 @@ TorchScript exporter cannot export a dynamic batch here (LayerNorm2d's normalise
 traced tensor). Tracing runs with the math SDPA kernel: the fused CPU kernel returns an output
 layout that the ONNX decomposition does not reproduce, which breaks the window-attention reshape.
 Opset >= 17 keeps LayerNorm as one LayerNormalization op. A dynamic batch is exported from a
-batch-2 example (a batch-1 example silently specialises the batch to 1).
+batch-2 example (a batch-1 example silently specialises the batch to 1); a prompt decoder's number of
+boxes likewise from two boxes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx
 
 from espmed.errors import ExportError, first_line
 from espmed.runtimes.base import Segmenter
-from espmed.runtimes.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
+from espmed.runtimes.metadata import GRAPH_IO, METADATA_KEY, ArtifactMetadata
 
 EXPORTER = "torch.onnx dynamo"
 MIN_OPSET = 17
@@ -28,14 +29,14 @@ SIMPLIFIERS = ("onnxsim", "onnxslim", "none")
 FOLDED_TENSOR_LIMIT = 4 << 20
 MAX_FOLD_GROWTH = 1.1
 #: Ops that stay FP32 in the FP16 graph: normalisation statistics, softmax, GELU's erf and the
-#: final resize overflow or lose too many bits in half precision.
-FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt")
+#: final resize overflow or lose too many bits in half precision; so do the box prompt encoder's
+#: sin/cos of large Fourier phases (a prompt decoder's only).
+FP16_KEEP_FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Resize", "ReduceMean", "Pow", "Sqrt", "Sin", "Cos")
 
 
-def export_onnx(
-    graph, path: Path, *, image_size: int, batch: int, dynamic: bool, opset: int, simplify: str
-) -> onnx.ModelProto:
-    """Export `graph` (an ExportGraph) and return the cleaned, simplified ONNX model (not yet saved)."""
+def export_onnx(graph, path: Path, *, batch: int, dynamic: bool, opset: int, simplify: str) -> onnx.ModelProto:
+    """Export `graph` (an `espmed.export.graph.Graph`) and return the cleaned, simplified ONNX model (not
+    yet saved). `dynamic`: its first dimension (`graph.dim`) is dynamic, else `batch`."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -43,17 +44,18 @@ def export_onnx(
         raise ExportError(f"opset {opset} is too old: LayerNorm needs opset >= {MIN_OPSET}")
     if simplify not in SIMPLIFIERS:
         raise ExportError(f"unknown simplifier {simplify!r}; choose from {', '.join(SIMPLIFIERS)}")
-    example_batch = 2 if dynamic else batch
-    example = torch.zeros(example_batch, 3, image_size, image_size)
+    example = graph.example(2 if dynamic else batch)
     kwargs = {}
     if dynamic:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+        dim = torch.export.Dim(graph.dim, min=1, max=1024)  # a bound for tracing only: the ONNX dim is symbolic
+        kwargs["dynamic_shapes"] = tuple({0: dim} if d else None for d in graph.dynamic_inputs)
+    names_in, names_out = GRAPH_IO[graph.kind]
     raw = path.with_name(path.stem + ".raw.onnx")
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _quiet_exporter():
             torch.onnx.export(
-                graph, (example,), str(raw), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), verbose=False, report=False, **kwargs,
+                graph, example, str(raw), dynamo=True, opset_version=opset,
+                input_names=list(names_in), output_names=list(names_out), verbose=False, report=False, **kwargs,
             )
         model = onnx.load(str(raw), load_external_data=True)
     except Exception as exc:  # the exporter raises many internal error types
@@ -63,7 +65,7 @@ def export_onnx(
             leftover.unlink(missing_ok=True)
     name_nodes_by_module(model)
     if dynamic:
-        name_batch_dim(model)
+        name_dynamic_dim(model, graph.dim)
     return simplify_model(model, simplify)
 
 
@@ -104,12 +106,12 @@ def name_nodes_by_module(model: onnx.ModelProto) -> None:
         del node.metadata_props[:]
 
 
-def name_batch_dim(model: onnx.ModelProto) -> None:
-    """Call the dynamic batch dimension `batch` on the graph inputs and outputs."""
+def name_dynamic_dim(model: onnx.ModelProto, name: str) -> None:
+    """Call the dynamic first dimension `name` on the graph inputs and outputs."""
     for value in list(model.graph.input) + list(model.graph.output):
         dim = value.type.tensor_type.shape.dim[0]
         if not dim.HasField("dim_value"):
-            dim.dim_param = "batch"
+            dim.dim_param = name
 
 
 def simplify_model(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:

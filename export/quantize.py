@@ -26,13 +26,15 @@ from .recipe import Recipe
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
 #: (label, regex over module paths) of layers kept float; each level adds to the ones before.
-#: Level 0 is the fixed sensitive set: the first conv, the mask head (upscaling, hypernetwork,
-#: the final mask product) and the SPPG patch head. The last level still quantizes the patch embed
-#: and the convolutional first stage: a graph with nothing quantized is not an INT8 artifact.
+#: Level 0 is the fixed sensitive set: the first conv (the box encoder's: its patch embed), the mask
+#: head (upscaling, hypernetwork, the final mask product) and the SPPG patch head. The last level still
+#: quantizes the patch embed and the convolutional first stage: a graph with nothing quantized is not
+#: an INT8 artifact.
 FLOAT_LEVELS: tuple[tuple[str, str], ...] = (
     (
         "sensitive layers",
-        r"^(trunk\.patch_embed\.seq\.0([./]|$)|decoder\.(output_upscaling|hypernetworks)|decoder/|sppg\.patch_head)",
+        r"^(trunk\.patch_embed\.seq\.0([./]|$)|box_patch_embed([./]|$)|decoder\.(output_upscaling|hypernetworks)"
+        r"|decoder/|sppg\.patch_head)",
     ),
     ("+ decoder, SPPG, neck", r"^(decoder|sppg|neck)([./]|$)"),
     ("+ trunk attention", r"^trunk\..*\.attn([./]|$)"),

@@ -3,6 +3,9 @@
 Every target starts from the same FP32 ONNX graph (dynamo exporter), is checked against the torch
 model on held-out real images, and is published atomically: all files are written into a hidden
 staging folder beside the destination, moved over their final names, and the manifest comes last.
+A box-prompted export (`prompt="box"`) makes two graphs, the image encoder (the artifact) and its
+prompt decoder beside it: the decoder is built first (`_DECODERS`), so that the encoder's builder
+judges the staged pair through the runtime, and one manifest lists both.
 """
 
 from __future__ import annotations
@@ -18,10 +21,20 @@ from espmed import __version__
 from espmed.atomic import file_sha256
 from espmed.errors import BackendUnavailableError, ExportError
 from espmed.runtimes.base import Segmenter
-from espmed.runtimes.formats import OPTION_DEFAULTS, RUNTIME_PRECISIONS, Format, exportable
-from espmed.runtimes.metadata import INPUT_NAME, ArtifactMetadata
+from espmed.runtimes.formats import (
+    DECODER_TAG,
+    OPTION_DEFAULTS,
+    PROMPTS,
+    RUNTIME_PRECISIONS,
+    Format,
+    Prompt,
+    decoder_file,
+    exportable,
+    is_decoder_file,
+)
+from espmed.runtimes.metadata import GRAPH_IO, INPUT_NAME, ArtifactMetadata, decoder_metadata
 
-from .accuracy import Attempt, Gate
+from .accuracy import JUDGES, Attempt, Gate
 from .calibration import CalibrationSet, load_calibration
 from .manifest import ExportResult, library_versions, publish, staging_dir
 from .recipe import Recipe, find_recipe
@@ -37,6 +50,16 @@ def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise ExportError(f"unknown export target {name!r}; choose from {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+def get_prompt(name: str, target: Target) -> Prompt:
+    """The graph kind `name` (`PROMPTS`), refused where `target` does not export it."""
+    prompt = next((p for p in PROMPTS if p.name == name), None)
+    if prompt is None:
+        raise ExportError(f"unknown prompt {name!r}; choose from {', '.join(p.name for p in PROMPTS)}")
+    if name not in target.prompts:
+        raise ExportError(f"target {target.name} exports --prompt {' or '.join(target.prompts)} only, not {name}")
+    return prompt
 
 
 def check_options(target: Target, options: dict[str, Any], *, spell: Callable[[str], str] = str) -> None:
@@ -62,18 +85,20 @@ def _load_model(checkpoint_or_model, imgsz: int | None):
     return model, file_sha256(path), path.stem
 
 
-def default_output(stem: str, modality: str, target: Target) -> Path:
-    return Path(f"{stem}_{modality}_{target.name}{target.suffix}")
+def default_output(stem: str, modality: str, target: Target, prompt: Prompt = PROMPTS[0]) -> Path:
+    return Path("_".join(part for part in (stem, modality, prompt.tag, target.name) if part) + target.suffix)
 
 
-def _resolve_output(out: Path | None, stem: str, modality: str, target: Target) -> Path:
+def _resolve_output(out: Path | None, stem: str, modality: str, target: Target, prompt: Prompt) -> Path:
     if out is None:
-        return default_output(stem, modality, target).resolve()
+        return default_output(stem, modality, target, prompt).resolve()
     out = Path(out)
     if out.is_dir() or not out.suffix:  # a folder (existing, or a name without a suffix)
-        return (out / default_output(stem, modality, target)).resolve()
+        return (out / default_output(stem, modality, target, prompt)).resolve()
     if out.suffix != target.suffix:
         raise ExportError(f"{out}: a {target.name} artifact must end in {target.suffix}")
+    if is_decoder_file(out):
+        raise ExportError(f"{out}: *{DECODER_TAG}{out.suffix} names a prompt decoder; give the artifact's own name")
     return out.resolve()
 
 
@@ -108,16 +133,21 @@ def export(
     opset: int = 18,
     calib: str | Path | None = None,
     max_drop: float = 0.02,
+    prompt: str = PROMPTS[0].name,
     progress: Progress | None = None,
     **options,
 ) -> ExportResult:
     """Export a checkpoint (path) or an ESPMedSAM model to `target`; see `TARGETS`.
 
-    A wrapping target (`_WRAPPERS`: triton) also takes an exported artifact as `checkpoint_or_model`.
+    `prompt`: "self", the self-prompted model (one artifact, `modality` baked in; default the model's);
+    or "box", the image encoder (under `modality`'s controller, or None: the shared trunk) with its
+    prompt decoder beside it. A wrapping target (`_WRAPPERS`: triton) also takes an exported artifact
+    as `checkpoint_or_model`.
     """
-    from .graph import ExportGraph, GraphSegmenter, choose_modality
+    from .graph import GraphSegmenter, export_graphs
 
     tgt = get_target(target)
+    kind = get_prompt(prompt, tgt)
     check_options(tgt, options)
     if tgt.backend in _WRAPPERS:
         return _WRAPPERS[tgt.backend](
@@ -134,26 +164,38 @@ def export(
     runtime_precision = options.get("runtime_precision")
     if runtime_precision not in (None, *RUNTIME_PRECISIONS):
         raise ExportError(f"runtime_precision must be {' or '.join(RUNTIME_PRECISIONS)}, got {runtime_precision!r}")
+    if kind.name != "self" and batch != 1:
+        raise ExportError("a box encoder embeds one image per call: give --batch 1 (the default) or --dynamic")
+    if kind.name != "self" and options.get("accuracy_control"):
+        raise ExportError("accuracy_control validates self-prompted masks only; a box export takes the gate's search")
     _check_backend(tgt)
 
     stages = _Stages(progress)
     with stages.stage("load checkpoint"):
         model, ckpt_sha, stem = _load_model(checkpoint_or_model, imgsz)
-        chosen = choose_modality(model, modality)
-        graph = ExportGraph(model, chosen)
-    if modality is None and len(model.available_modalities) > 1:
-        others = ", ".join(m for m in model.available_modalities if m != chosen)
-        stages.note(f"  modality: {chosen} (the model's default; it also has {others}: choose with --modality)")
-    final = _resolve_output(out, stem, chosen, tgt)
+        graph, decoder = export_graphs(model, modality, kind.name)
+    if modality is None:
+        others = ", ".join(m for m in model.available_modalities if m != graph.modality)
+        if graph.modality_index < 0:
+            stages.note(f"  modality: none, the shared trunk (the model also has {others}: choose with --modality)")
+        elif others:
+            stages.note(
+                f"  modality: {graph.modality} (the model's default; it also has {others}: choose with --modality)"
+            )
+    final = _resolve_output(out, stem, graph.modality, tgt, kind)
     meta = _metadata(
         tgt, graph, batch=0 if dynamic else batch, checkpoint_sha256=ckpt_sha, opset=opset, simplify=simplify
     )
+    if decoder is not None:
+        meta.decoder = decoder_file(final)
     pre = graph.config.preprocessing
+    held_modality = None if graph.modality_index < 0 else graph.modality
     with stages.stage(f"read {'calibration and ' if tgt.calibrated else ''}held-out images"):
-        images = load_calibration(calib, meta.input_size, pre.mean, pre.std, pre.resize, modality=chosen)
+        images = load_calibration(calib, meta.input_size, pre.mean, pre.std, pre.resize, modality=held_modality)
         gate = Gate.build(
-            GraphSegmenter(graph, meta), {im.path.name: im.image for im in images.held_out},
-            max_drop=max_drop, threshold=pre.mask_threshold, batch=meta.batch, on_attempt=stages.attempt,
+            GraphSegmenter(graph, meta, decoder), {im.path.name: im.image for im in images.held_out},
+            max_drop=max_drop, threshold=pre.mask_threshold, batch=meta.batch, judge=JUDGES[kind.name],
+            on_attempt=stages.attempt,
         )
     recipe = None
     if tgt.calibrated:
@@ -168,6 +210,12 @@ def export(
     runtime_precision = runtime_precision or RUNTIME_PRECISIONS[0]
 
     with staging_dir(final) as tmp:
+        staged_decoder = []
+        if decoder is not None:  # first, so that the encoder's gate runs the staged pair
+            staged_decoder = _stage_decoder(
+                decoder, decoder_metadata(meta, tgt.decoder_precision), tgt, tmp / meta.decoder, runtime_precision,
+                options, opset=opset, simplify=simplify, stages=stages,
+            )
         fp32_onnx = tmp / (final.stem + ".fp32-work.onnx")
         proto = _export_fp32_onnx(
             graph, fp32_onnx, tgt, batch=batch, dynamic=dynamic, opset=opset, simplify=simplify, stages=stages
@@ -176,7 +224,7 @@ def export(
             target=tgt, tmp=tmp, final=final, fp32_onnx=fp32_onnx, proto=proto, images=images, gate=gate, stages=stages,
             recipe=recipe,
         )
-        staged = _BUILDERS[tgt.backend](ctx, meta, runtime_precision, options)
+        staged = _BUILDERS[tgt.backend](ctx, meta, runtime_precision, options) + staged_decoder
         with stages.stage("publish (atomic)"):
             files, manifest = publish(staged, final.parent, meta, final.name)
     return ExportResult(files[0], manifest, meta, files)
@@ -188,12 +236,13 @@ def _metadata(
     from .onnx_export import EXPORTER
 
     cfg = graph.config
+    inputs, outputs = GRAPH_IO[graph.kind]
     return ArtifactMetadata(
         target=target.name, backend=target.backend, precision=target.precision, modality=graph.modality,
         modality_index=graph.modality_index, modalities=list(cfg.modalities), input_size=cfg.image_size,
         batch=batch, preprocessing=cfg.preprocessing.to_dict(), preset=cfg.preset, espmed_version=__version__,
         source_checkpoint_sha256=checkpoint_sha256, exporter=EXPORTER, opset=opset, simplifier=simplify,
-        library_versions=library_versions(),
+        library_versions=library_versions(), graph=graph.kind, input_name=inputs[0], output_names=list(outputs),
     )
 
 
@@ -209,12 +258,10 @@ def _export_fp32_onnx(
     # graph: FP16-compressing the unfolded bias path loses far more Dice than the folded one
     # (the accuracy gate judges each export).
     onnx_dynamic = dynamic or (target.backend == "openvino" and target.precision in ("fp32", "int8"))
-    shape = "dynamic batch" if onnx_dynamic else f"batch {batch}"
-    with stages.stage(f"export ONNX ({onnx_export.EXPORTER}, opset {opset}, {shape}, simplify: {simplify})"):
-        size = graph.config.image_size
-        proto = onnx_export.export_onnx(
-            graph, path, image_size=size, batch=batch, dynamic=onnx_dynamic, opset=opset, simplify=simplify
-        )
+    shape = f"dynamic {graph.dim}" if onnx_dynamic else f"batch {batch}"
+    what = "" if graph.kind == "self-prompted" else f" of the {graph.label}"
+    with stages.stage(f"export ONNX{what} ({onnx_export.EXPORTER}, opset {opset}, {shape}, simplify: {simplify})"):
+        proto = onnx_export.export_onnx(graph, path, batch=batch, dynamic=onnx_dynamic, opset=opset, simplify=simplify)
         onnx_export.save_onnx(proto, path)
     return proto
 
@@ -264,10 +311,12 @@ class _Context:
         result = self.gate.check(candidate, self.target.name)
         meta.accuracy = self.gate.describe(result)
         skipped = self.gate.without_foreground
+        side = self.gate.judge.keys[1].removeprefix("max_abs_").removesuffix("_logit")
+        masks = "image" if self.gate.judge is JUDGES["self"] else "box mask"
         self.stages.note(
-            f"  {what}: max |Δ logit| {result.max_abs_lowres:.2e} (patch {result.max_abs_patch:.2e}), "
+            f"  {what}: max |Δ logit| {result.max_abs_logit:.2e} ({side} {result.max_abs_side:.2e}), "
             f"Dice vs FP32 min {min(result.dice):.4f} on {len(result.dice)} held-out "
-            f"image{'s' if len(result.dice) != 1 else ''}"
+            f"{masks}{'s' if len(result.dice) != 1 else ''}"
             + (f" ({len(skipped)} without FP32 foreground not gated)" if skipped else "")
         )
 
@@ -384,9 +433,9 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
 
         trtx.preflight(onnx.load(str(source), load_external_data=False), dynamic=meta.batch == 0)
     with ctx.stages.stage(f"build TensorRT {ctx.target.precision} engine"):
+        max_batch = int(options.get("max_batch", OPTION_DEFAULTS["max_batch"]))
         engine, info, plan = trtx.build_engine(
-            source, ctx.target.precision, image_size=meta.input_size, batch=meta.batch,
-            max_batch=int(options.get("max_batch", OPTION_DEFAULTS["max_batch"])),
+            source, ctx.target.precision, profiles=trtx.batch_profiles(meta.input_size, meta.batch, max_batch),
             workspace_mb=options.get("workspace_mb"),
             timing_cache=options.get("timing_cache"),
         )
@@ -403,6 +452,66 @@ def _build_tensorrt(ctx: _Context, meta: ArtifactMetadata, runtime_precision: st
 
 
 _BUILDERS = {"onnxruntime": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt}
+
+
+def _stage_decoder(
+    graph, meta: ArtifactMetadata, target: Target, out: Path, runtime_precision: str, options: dict, *, opset: int,
+    simplify: str, stages: _Stages,
+) -> list[Path]:
+    """The prompt decoder exported to FP32 ONNX (N boxes dynamic) and built for `target` at
+    `meta.precision`, staged at `out` (the name its encoder's metadata gives it)."""
+    work = out.with_name(out.stem + ".fp32-work.onnx")
+    proto = _export_fp32_onnx(graph, work, target, batch=0, dynamic=True, opset=opset, simplify=simplify, stages=stages)
+    with stages.stage(f"build the prompt decoder ({target.backend}, {meta.precision})"):
+        return _DECODERS[target.backend](work, proto, out, meta, runtime_precision, options)
+
+
+def _decoder_onnx(
+    work: Path, proto, out: Path, meta: ArtifactMetadata, runtime_precision: str, options: dict
+) -> list[Path]:
+    from . import onnx_export
+
+    model = proto
+    if meta.precision == "fp16":
+        model = onnx_export.to_fp16(proto)
+        meta.float_layers = [f"op:{t}" for t in onnx_export.FP16_KEEP_FLOAT_OPS]
+    onnx_export.embed_metadata(model, meta)
+    return onnx_export.save_onnx(model, out)
+
+
+def _decoder_openvino(
+    work: Path, proto, out: Path, meta: ArtifactMetadata, runtime_precision: str, options: dict
+) -> list[Path]:
+    from . import openvino_export as ovx
+
+    meta.runtime_precision = runtime_precision  # the encoder's: the runtime compiles both with it
+    model = ovx.convert_onnx(work)
+    ovx.embed_metadata(model, meta)
+    return ovx.save_ir(model, out, compress_to_fp16=meta.precision == "fp16")
+
+
+def _decoder_tensorrt(
+    work: Path, proto, out: Path, meta: ArtifactMetadata, runtime_precision: str, options: dict
+) -> list[Path]:
+    from espmed.runtimes import engine_header
+
+    from . import tensorrt_export as trtx
+
+    trtx.preflight(proto, dynamic=True)
+    engine, info, plan = trtx.build_engine(
+        work, meta.precision, profiles=trtx.box_profiles(), workspace_mb=options.get("workspace_mb"),
+        timing_cache=options.get("timing_cache"),
+    )
+    meta.extra.update(info.to_extra())
+    meta.extra["fp32_pinned_layers"] = len(plan)
+    meta.float_layers = plan
+    engine_header.write_engine(out, meta, engine)
+    return [out]
+
+
+#: A box export's prompt decoder, by backend: (FP32 ONNX path, its ModelProto, staged path, metadata,
+#: runtime precision, options) -> the staged files. Float only (`Format.decoder_precision`).
+_DECODERS = {"onnxruntime": _decoder_onnx, "openvino": _decoder_openvino, "tensorrt": _decoder_tensorrt}
 
 
 #: Targets that wrap an exported artifact (a checkpoint is exported to ONNX first), by backend. A

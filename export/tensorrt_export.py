@@ -1,5 +1,6 @@
 """ONNX -> TensorRT 10 engine with the ONNX parser; FP16 with numerically sensitive layers
-pinned to FP32; INT8 from the symmetric QDQ ONNX (explicit quantization, no calibrator).
+pinned to FP32; INT8 from the symmetric QDQ ONNX (explicit quantization, no calibrator). A box
+export's prompt decoder is a second engine, its number of boxes dynamic (`DECODER_BOXES`).
 
 The preflight and the precision plan only read the ONNX graph, so they run (and are tested)
 without TensorRT. Building and running need `tensorrt` >= 10 and `pycuda` on an NVIDIA GPU.
@@ -14,8 +15,7 @@ import onnx
 
 from espmed.errors import BackendUnavailableError, ExportError, require
 from espmed.runtimes.engine_header import EngineBuildInfo
-from espmed.runtimes.formats import OPTION_DEFAULTS
-from espmed.runtimes.metadata import INPUT_NAME
+from espmed.runtimes.metadata import BOXES_NAME, INPUT_NAME
 
 #: ONNX ops this graph family may contain that TensorRT 10's ONNX parser supports
 #: (subset of onnx-tensorrt's operators.md that covers what the exporter emits).
@@ -32,12 +32,18 @@ TRT_SUPPORTED_OPS = frozenset(
 )
 
 #: Op types computed in FP32 inside an FP16 engine: normalisation statistics, softmax and
-#: reductions overflow or lose too many bits in half precision.
+#: reductions overflow or lose too many bits in half precision; so do a prompt decoder's sin/cos of
+#: its boxes' large Fourier phases.
 FP32_PINNED_OPS = (
     "LayerNormalization", "Softmax",
     "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare",
-    "Pow", "Sqrt",
+    "Pow", "Sqrt", "Sin", "Cos",
 )
+#: A prompt decoder engine's boxes per call (min, opt, max) of its optimisation profile; the
+#: runtime sends at most `runtimes.base.BOX_CHUNK` (16).
+DECODER_BOXES = (1, 4, 64)
+#: An optimisation profile: input name -> (min, opt, max) shapes.
+Profiles = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
 def preflight(model: onnx.ModelProto, dynamic: bool) -> None:
@@ -97,17 +103,30 @@ def gpu_info() -> tuple[str, str]:
     return dev.name(), f"{major}.{minor}"
 
 
+def batch_profiles(image_size: int, batch: int, max_batch: int) -> Profiles:
+    """The profile of an image graph: over the batch, 1 to `max_batch`, where `batch` is 0 (dynamic);
+    none for a fixed batch."""
+    if batch:
+        return {}
+    shape = (3, image_size, image_size)
+    return {INPUT_NAME: ((1, *shape), (max(1, max_batch // 2), *shape), (max_batch, *shape))}
+
+
+def box_profiles() -> Profiles:
+    """The profile of a prompt decoder: over its number of boxes (`DECODER_BOXES`)."""
+    return {BOXES_NAME: tuple((n, 4) for n in DECODER_BOXES)}
+
+
 def build_engine(
     onnx_path: Path,
     precision: str,
     *,
-    image_size: int,
-    batch: int,
-    max_batch: int = OPTION_DEFAULTS["max_batch"],
+    profiles: Profiles,
     workspace_mb: int | None = None,
     timing_cache: str | Path | None = None,
 ) -> tuple[bytes, EngineBuildInfo, list[str]]:
-    """(serialized engine, build info, FP32-pinned ONNX node names). `batch` 0 = dynamic."""
+    """(serialized engine, build info, FP32-pinned ONNX node names); `profiles` gives each dynamic
+    input's shapes (none: every shape is fixed)."""
     trt = _import_tensorrt()
     gpu, cc = gpu_info()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -144,10 +163,10 @@ def build_engine(
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    shape = (3, image_size, image_size)
-    if batch == 0:
+    if profiles:
         profile = builder.create_optimization_profile()
-        profile.set_shape(INPUT_NAME, (1, *shape), (max(1, max_batch // 2), *shape), (max_batch, *shape))
+        for name, (smallest, typical, largest) in profiles.items():
+            profile.set_shape(name, smallest, typical, largest)
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -32,7 +32,7 @@ from espmed.runtimes.base import Segmenter
 from espmed.runtimes.formats import OPTION_DEFAULTS, format_for_path
 from espmed.runtimes.loader import find_artifact
 from espmed.runtimes.manifest import check_manifest_metadata, manifest_path, verify_manifest
-from espmed.runtimes.metadata import METADATA_KEY, ArtifactMetadata
+from espmed.runtimes.metadata import GRAPHS, METADATA_KEY, ArtifactMetadata
 from espmed.runtimes.triton_repository import (
     ARTIFACT_PARAMETER,
     IMAGE_INPUT,
@@ -147,6 +147,8 @@ def _artifact_metadata(path: Path, modality) -> tuple[ArtifactMetadata, str]:
         segmenter = load(path)
         segmenter.check_modality(modality)
         meta = segmenter.metadata
+    if meta.graph != GRAPHS[0]:
+        raise ExportError(f"{path}: a {meta.graph} artifact; Triton serves self-prompted ones only (--prompt self)")
     if meta.batch:
         raise ExportError(
             f"{path}: the artifact has a fixed batch of {meta.batch}; Triton's dynamic batching needs a "

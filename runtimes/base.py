@@ -18,7 +18,7 @@ from espmed.errors import ArtifactError, ModalityError, PromptError
 
 from .boxes import check_boxes, label_image, to_input_frame
 from .masks import mask_from_logits
-from .metadata import ArtifactMetadata
+from .metadata import BOXES_NAME, EMBEDDING_NAME, GRAPH_IO, ArtifactMetadata, check_pair
 from .preprocess import (
     RESIZE_MODES,
     Letterbox,
@@ -93,6 +93,8 @@ class Segmenter:
     backend = "base"
 
     def __init__(self, metadata: ArtifactMetadata, source: Path) -> None:
+        if metadata.graph == "box-decoder":
+            raise ArtifactError(f"{source}: a prompt decoder runs beside its box encoder; load the encoder")
         self.metadata = metadata
         self.source = Path(source)
         pre = metadata.preprocessing
@@ -308,3 +310,32 @@ def check_input_shape(path: Path, metadata: ArtifactMetadata, dims: Sequence[int
         raise ArtifactError(f"{path}: graph batch {dims[0]} does not match the metadata's batch {metadata.batch}")
     if not metadata.batch and dims[0] is not None:
         raise ArtifactError(f"{path}: metadata says dynamic batch but the graph's batch is fixed at {dims[0]}")
+
+
+def decoder_path(path: Path, metadata: ArtifactMetadata) -> Path:
+    """The prompt decoder file a box encoder's metadata names, beside it."""
+    decoder = Path(path).with_name(str(metadata.decoder))
+    if not decoder.is_file():
+        raise ArtifactError(f"{path}: its prompt decoder {decoder.name} is missing beside it")
+    return decoder
+
+
+def check_decoder(
+    path: Path, encoder: ArtifactMetadata, decoder: ArtifactMetadata, inputs: dict[str, Sequence[int | None]],
+    outputs: Sequence[str],
+) -> None:
+    """A decoder file (its metadata, graph inputs' shapes with None = dynamic, output names) must be
+    this encoder's: embedding (1, D, S/16, S/16) and boxes (N, 4), N dynamic -> lowres_masks, iou."""
+    check_pair(encoder, decoder, path)
+    names_in, names_out = GRAPH_IO["box-decoder"]
+    g = encoder.input_size // 16
+    shapes = {name: list(inputs.get(name, ())) for name in names_in}
+    embedding, boxes = shapes[EMBEDDING_NAME], shapes[BOXES_NAME]
+    if (
+        len(embedding) != 4 or embedding[0] != 1 or embedding[2:] != [g, g] or boxes[1:] != [4]
+        or boxes[0] is not None or any(n not in outputs for n in names_out)
+    ):
+        raise ArtifactError(
+            f"{path}: decoder graph {shapes} -> {list(outputs)} is not embedding (1, D, {g}, {g}) and boxes (N, 4), "
+            f"N dynamic -> {', '.join(names_out)}"
+        )

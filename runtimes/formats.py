@@ -8,6 +8,10 @@ exporter all read it; the exporter adds only its builders (`espmed.export.target
 
 A run-time variant (`openvino-bf16`) has no artifact of its own: `artifact_of` names the row
 whose artifact it runs, at its `runtime_precision`.
+
+A second, small table, `PROMPTS`, lists the graph kinds an export makes (`espmed export --prompt`):
+the self-prompted model as one artifact, or SAM's deployment pair for box prompts, an image encoder
+artifact with its prompt decoder beside it (`decoder_file`). A row's `prompts` says which it exports.
 """
 
 from __future__ import annotations
@@ -17,7 +21,42 @@ from pathlib import Path
 
 from espmed.errors import ArtifactError, EspmedError
 
+from .metadata import GRAPHS
 from .triton_repository import MANIFEST as TRITON_MANIFEST
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """A graph kind an export makes: its files' metadata graphs (the artifact's first, the loaded one)."""
+
+    name: str  # `espmed export --prompt NAME`
+    label: str
+    graphs: tuple[str, ...]  # one per file: the artifact, then what it opens beside it
+    tag: str = ""  # in the default artifact name, <stem>_<modality>_<tag>_<target>
+
+
+#: Every graph kind, the default first.
+PROMPTS: tuple[Prompt, ...] = (
+    Prompt(name="self", label="the self-prompted model, one artifact", graphs=(GRAPHS[0],)),
+    Prompt(
+        name="box", label="an image encoder and its prompt decoder beside it, for box prompts", graphs=GRAPHS[1:],
+        tag="box",
+    ),
+)
+#: A prompt decoder's file is its encoder's name with this before the suffix: model.decoder.onnx.
+DECODER_TAG = ".decoder"
+
+
+def decoder_file(encoder: str | Path) -> str:
+    """The file name of a box encoder's prompt decoder (OpenVINO: its .xml; the .bin follows)."""
+    path = Path(encoder)
+    return f"{path.stem}{DECODER_TAG}{path.suffix}"
+
+
+def is_decoder_file(path: str | Path) -> bool:
+    """`path` is named as a prompt decoder: the loader never takes it for an artifact of its own."""
+    return Path(path).stem.endswith(DECODER_TAG)
+
 
 #: How a format's artifact is found: a checkpoint file (the torch reference), an artifact file, a
 #: folder holding `marker`, or a remote model addressed as `scheme://...`.
@@ -41,6 +80,7 @@ class Format:
     needs_gpu: bool = False
     runtime_precision: str | None = None  # asked of the backend when run (OpenVINO's precision hint)
     artifact_of: str | None = None  # a run-time variant: the row whose artifact it runs
+    prompts: tuple[str, ...] = tuple(p.name for p in PROMPTS)  # the graph kinds it runs (and exports)
 
     @property
     def suffix(self) -> str:
@@ -55,6 +95,12 @@ class Format:
     def calibrated(self) -> bool:
         """Export needs calibration images."""
         return self.precision == "int8"
+
+    @property
+    def decoder_precision(self) -> str:
+        """What a box export's prompt decoder computes in: the target's float precision (INT8: FP32; the
+        decoder is small, and INT8 is for the encoder)."""
+        return "fp32" if self.precision == "int8" else self.precision
 
     @property
     def export_target(self) -> str | None:
@@ -130,7 +176,7 @@ FORMATS: tuple[Format, ...] = (
     Format(
         name="triton", label="Triton server (dynamic batching)", backend="triton", module="tritonclient",
         precision="fp32", kind="folder", marker=TRITON_MANIFEST, scheme="triton",
-        options=("triton_max_batch", "instances"),
+        options=("triton_max_batch", "instances"), prompts=(PROMPTS[0].name,),
     ),
 )
 

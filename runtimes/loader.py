@@ -7,18 +7,21 @@ from pathlib import Path
 from espmed.errors import ArtifactError
 
 from .base import Segmenter
-from .formats import Format, artifact_suffixes, folder_format, format_for_path, format_for_url
+from .formats import Format, artifact_suffixes, folder_format, format_for_path, format_for_url, is_decoder_file
 from .manifest import check_manifest_metadata, verify_manifest
 
 
 def find_artifact(path: str | Path) -> Path:
-    """The artifact file itself, a folder that is an artifact, or the single artifact file inside a folder."""
+    """The artifact file itself, a folder that is an artifact, or the single artifact file inside a folder
+    (a box encoder's prompt decoder beside it is not an artifact of its own)."""
     path = Path(path)
     if path.is_dir():
         if folder_format(path) is not None:
             return path
         suffixes = artifact_suffixes()
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+        found = sorted(
+            p for p in path.iterdir() if p.suffix.lower() in suffixes and not is_decoder_file(p) and p.is_file()
+        )
         if len(found) != 1:
             listed = ", ".join(p.name for p in found) or "none"
             raise ArtifactError(f"{path}: expected exactly one artifact file in the folder, found {listed}")

@@ -63,7 +63,10 @@ def verify_manifest(artifact: str | Path) -> ArtifactMetadata | None:
         check_listed_file(artifact.with_name(name), expected, path, artifact.name)
     if "metadata" not in data:
         raise ArtifactError(f"{path}: manifest has no metadata")
-    return ArtifactMetadata.from_json(json.dumps(data["metadata"]), str(path))
+    listed = ArtifactMetadata.from_json(json.dumps(data["metadata"]), str(path))
+    if listed.decoder is not None and listed.decoder not in files:
+        raise ArtifactError(f"{path}: manifest does not cover the prompt decoder {listed.decoder}")
+    return listed
 
 
 def check_manifest_metadata(artifact: str | Path, listed: ArtifactMetadata, embedded: ArtifactMetadata) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from espmed.errors import ArtifactError
@@ -33,6 +34,11 @@ GRAPH_IO = {
     "box-encoder": ((INPUT_NAME,), (EMBEDDING_NAME,)),
     "box-decoder": ((EMBEDDING_NAME, BOXES_NAME), (OUTPUT_NAMES[0], IOU_NAME)),
 }
+#: What a box encoder and its prompt decoder must agree on for the decoder to be the encoder's.
+PAIR_FIELDS = (
+    "target", "backend", "modality", "modality_index", "modalities", "input_size", "preprocessing", "preset",
+    "espmed_version", "source_checkpoint_sha256", "runtime_precision",
+)
 
 
 @dataclass
@@ -107,3 +113,23 @@ class ArtifactMetadata:
     @property
     def dynamic_batch(self) -> bool:
         return self.batch == 0
+
+
+def decoder_metadata(encoder: ArtifactMetadata, precision: str) -> ArtifactMetadata:
+    """The metadata of a box encoder's prompt decoder: the encoder's (`PAIR_FIELDS` equal), for the decoder
+    graph, with its own precision and a dynamic number of boxes (`batch` 0)."""
+    inputs, outputs = GRAPH_IO["box-decoder"]
+    return dataclasses.replace(
+        encoder, graph="box-decoder", decoder=None, precision=precision, batch=0, input_name=inputs[0],
+        output_names=list(outputs), calibration=None, float_layers=[], accuracy=None, extra={},
+    )
+
+
+def check_pair(encoder: ArtifactMetadata, decoder: ArtifactMetadata, source: str | Path) -> None:
+    """Refuse a decoder file that is not the prompt decoder exported with this encoder."""
+    if decoder.graph != "box-decoder":
+        raise ArtifactError(f"{source}: not a prompt decoder (its graph is {decoder.graph!r})")
+    differs = [name for name in PAIR_FIELDS if getattr(encoder, name) != getattr(decoder, name)]
+    if differs:
+        verb = "differs" if len(differs) == 1 else "differ"
+        raise ArtifactError(f"{source}: not the prompt decoder of this box encoder ({', '.join(differs)} {verb})")

@@ -1,6 +1,8 @@
 """ONNX Runtime backend: CPU execution provider, CUDA / TensorRT providers where installed.
 
-An `InferenceSession` may be `run` from many threads at once, so the segmenter needs no lock.
+An `InferenceSession` may be `run` from many threads at once, so the segmenter needs no lock. A box
+encoder opens its prompt decoder (named in its metadata, beside it) in a second session with the
+same options.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import numpy as np
 
 from espmed.errors import ArtifactError, BackendUnavailableError, first_line, require
 
-from .base import Segmenter, check_input_shape
-from .metadata import METADATA_KEY, ArtifactMetadata
+from .base import Segmenter, check_decoder, check_input_shape, decoder_path
+from .metadata import BOXES_NAME, EMBEDDING_NAME, IOU_NAME, METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata
 
 #: `device` argument -> execution providers, in preference order (CPU always last as fallback).
 DEVICE_PROVIDERS = {
@@ -81,6 +83,24 @@ class OnnxRuntimeSegmenter(Segmenter):
                 f"({m.input_name} -> {', '.join(m.output_names)})"
             )
         check_input_shape(path, m, [d if isinstance(d, int) else None for d in inputs[m.input_name]])
+        if self.supports_boxes:
+            self.decoder = self._open_decoder(ort, opts)
+
+    def _open_decoder(self, ort, opts):
+        """The box encoder's prompt decoder session, checked to be this encoder's."""
+        path = decoder_path(self.source, self.metadata)
+        session = _open_session(ort, path, opts, self.providers)
+        inputs = {i.name: [d if isinstance(d, int) else None for d in i.shape] for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        check_decoder(path, self.metadata, _metadata_of(session, path), inputs, outputs)
+        return session
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run([EMBEDDING_NAME], {self.metadata.input_name: x})[0], np.float32)
+
+    def _decode(self, embedding: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lowres, iou = self.decoder.run([OUTPUT_NAMES[0], IOU_NAME], {EMBEDDING_NAME: embedding, BOXES_NAME: boxes})
+        return np.asarray(lowres, np.float32), np.asarray(iou, np.float32)
 
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lowres, patches = self.session.run(list(self.metadata.output_names), {self.metadata.input_name: x})

@@ -26,7 +26,7 @@ def tiny_onnx(tmp_path_factory) -> tuple[onnx.ModelProto, Path]:
     torch.manual_seed(0)
     graph = ExportGraph(ESPMedSAM(get_preset("esp-medsam-tiny")).eval(), "fundus")
     path = tmp_path_factory.mktemp("trt") / "tiny.onnx"
-    model = export_onnx(graph, path, image_size=256, batch=0, dynamic=True, opset=18, simplify="onnxsim")
+    model = export_onnx(graph, path, batch=0, dynamic=True, opset=18, simplify="onnxsim")
     save_onnx(model, path)
     return model, path
 
@@ -198,10 +198,10 @@ def test_build_fp16_engine_and_run_it(tiny_onnx):
     import numpy as np
     import onnxruntime as ort
 
-    from espmed.export.tensorrt_export import build_engine
+    from espmed.export.tensorrt_export import batch_profiles, build_engine
 
     model, path = tiny_onnx
-    engine, info, plan = build_engine(path, "fp16", image_size=256, batch=0, max_batch=4)
+    engine, info, plan = build_engine(path, "fp16", profiles=batch_profiles(256, 0, 4))
     assert plan == precision_plan(model) and info.compute_capability
     x = np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32)
     low, patch = engine_runner(engine)(x)

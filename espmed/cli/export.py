@@ -1,4 +1,5 @@
-"""`espmed export`: a checkpoint -> one deployable artifact (the exportable rows of `espmed.runtimes.formats`)."""
+"""`espmed export`: a checkpoint -> one deployable artifact (the exportable rows of `espmed.runtimes.formats`),
+or with `--prompt box` the box-prompted pair, an image encoder and its prompt decoder."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from pathlib import Path
 
 import typer
 
-from ..runtimes.formats import OPTION_DEFAULTS, RUNTIME_PRECISIONS, export_options, exportable
+from ..runtimes.formats import OPTION_DEFAULTS, PROMPTS, RUNTIME_PRECISIONS, export_options, exportable
 
 _TARGET_NAMES = ", ".join(f.name for f in exportable())
+_PROMPT_HELP = "; ".join(f"{p.name}, {p.label}" for p in PROMPTS)
+_SELF_ONLY = ", ".join(f.name for f in exportable() if f.prompts == (PROMPTS[0].name,))
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +29,10 @@ def register(app: typer.Typer) -> None:
         modality: str | None = typer.Option(
             None, "--modality", "-m",
             help="Modality to bake in (default: the model's first with a controller, in query order; "
-            "the shipped model: microscopy).",
+            "the shipped model: microscopy; --prompt box: none, the shared trunk).",
+        ),
+        prompt: str = typer.Option(
+            PROMPTS[0].name, "--prompt", help=f"What to export: {_PROMPT_HELP} ({_SELF_ONLY}: self only).",
         ),
         imgsz: int | None = typer.Option(
             None, "--imgsz", min=32, help="Input size (multiple of 32; default: the checkpoint's).",
@@ -105,7 +111,8 @@ def register(app: typer.Typer) -> None:
         with Stages() as stages:
             result = export(
                 checkpoint or source, target, out, modality=modality, imgsz=imgsz, batch=batch, dynamic=dynamic,
-                simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, progress=stages, **options,
+                simplify=simplify, opset=opset, calib=calib, max_drop=max_drop, prompt=prompt, progress=stages,
+                **options,
             )
         size = result.size_bytes / 1e6
         if result.artifact.is_dir():  # a Triton export: a folder of model repositories
@@ -113,7 +120,8 @@ def register(app: typer.Typer) -> None:
             return
         others = f" (+ {', '.join(f.name for f in result.files[1:])})" if len(result.files) > 1 else ""
         typer.echo(f"artifact: {result.artifact}{others}  {size:.1f} MB  manifest: {result.manifest.name}")
-        typer.echo(f"run it:   espmed predict IMAGE --model {result.artifact} --out out/")
+        boxes = " --box X0,Y0,X1,Y1" if result.metadata.decoder else ""
+        typer.echo(f"run it:   espmed predict IMAGE --model {result.artifact}{boxes} --out out/")
 
 
 def _print_triton(result, size_mb: float) -> None:
