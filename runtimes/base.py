@@ -132,6 +132,11 @@ class Segmenter:
         """The artifact segments without prompts (`predict(image)`)."""
         return self.metadata.graph == "self-prompted"
 
+    @property
+    def box_modality(self) -> str:
+        """Whose controller box prompts run under: a modality, or `SHARED_TRUNK` (none)."""
+        return self.metadata.modality
+
     # -- properties ----------------------------------------------------------------------------
     @property
     def input_size(self) -> int:

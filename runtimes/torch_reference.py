@@ -18,7 +18,7 @@ from espmed import __version__
 from espmed.errors import ModalityError, require
 
 from .base import Segmenter
-from .metadata import ArtifactMetadata
+from .metadata import SHARED_TRUNK, ArtifactMetadata
 
 
 class TorchSegmenter(Segmenter):
@@ -75,6 +75,10 @@ class TorchSegmenter(Segmenter):
     @property
     def supports_boxes(self) -> bool:
         return self.model.has_box_prompts
+
+    @property
+    def box_modality(self) -> str:
+        return SHARED_TRUNK if self._box_modality is None else self.metadata.modality
 
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch

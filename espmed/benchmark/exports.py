@@ -130,7 +130,7 @@ def export_artifact(target: str, model: BenchModel, opts: BenchOptions, out: Pat
             dest,
             modality=None if model.modality == SHARED_TRUNK else model.modality,
             imgsz=model.image_size,
-            **({"prompt": opts.prompt} if opts.prompt != "self" else {}),
+            prompt=opts.prompt,
             batch=1,
             dynamic=opts.batch > 1,
             calib=model.calibration,

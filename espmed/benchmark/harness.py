@@ -122,12 +122,12 @@ class _Run:
 def _measure_row(run: _Run, row: Format, host: dict) -> dict:
     """One row's record: unavailable, export failed, or measured by a worker process."""
     rec = row_record(row) | {"prompt": run.opts.prompt}
-    reason = unavailable_reason(row, host)
+    reason = unavailable_reason(row, host, run.opts.prompt)
     if reason:
         rec.update(status="unavailable", reason=reason)
         run.track.step(f"{row.name}: unavailable", 2, stage_s=0.0)
         return rec
-    *export, measure = stages(row, host)
+    *export, measure = stages(row, host, run.opts.prompt)
     est = run.track.estimator
     fresh = row.export_target not in run.exports
     if export:

@@ -8,14 +8,15 @@ from pathlib import Path
 
 from ..errors import EspmedError
 from ..runtimes.formats import FORMATS, Format, reference
+from ..runtimes.formats import PROMPTS as PROMPT_KINDS
 
 REFERENCE = reference().name
 DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_WORKER_TIMEOUT_S = 1800
-#: What the rows segment: self-prompted masks, or box prompts (one box per ground-truth connected
-#: component, the encoder timed per image and the prompt decoder per box).
-PROMPTS = ("self", "box")
+#: What the rows segment (`--prompt`, the format table's graph kinds): self-prompted masks, or box
+#: prompts (one box per ground-truth connected component, the encoder timed per image, the decoder per box).
+PROMPTS = tuple(p.name for p in PROMPT_KINDS)
 
 
 @dataclass
@@ -68,8 +69,10 @@ def select_rows(spec: str) -> list[Format]:
     return [f for f in FORMATS if f.name == REFERENCE or f.name in wanted]
 
 
-def unavailable_reason(row: Format, host: dict) -> str | None:
-    """Why `row` cannot run on this machine, or None."""
+def unavailable_reason(row: Format, host: dict, prompt: str = PROMPTS[0]) -> str | None:
+    """Why `row` cannot run on this machine (or cannot run `prompt`), or None."""
+    if prompt not in row.prompts:
+        return f"runs --prompt {' or '.join(row.prompts)} only"
     if row.needs_gpu and not host["nvidia_gpu"]:
         return "needs an NVIDIA GPU with TensorRT; none on this machine"
     if row.runtime_precision == "bf16" and not host["cpu"]["bf16"]:

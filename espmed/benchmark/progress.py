@@ -40,9 +40,9 @@ class Tracker:
         self.step(text, advance, stage_s=self.estimator.begin(stage))
 
 
-def stages(row: Format, host: dict) -> list[eta.Stage]:
+def stages(row: Format, host: dict, prompt: str) -> list[eta.Stage]:
     """The stages a row will run: its export (none for the reference) and its measurement."""
-    if unavailable_reason(row, host):
+    if unavailable_reason(row, host, prompt):
         return []
     target = row.export_target
     cold_starts = COLD_STARTS if row.backend == "openvino" else 0
@@ -57,7 +57,7 @@ def estimator(
     model: BenchModel, images: int, gemm: dict, gemm_s: float, out: Path,
 ) -> eta.Estimator:
     """The run's cost model: F from the FLOPs and the GEMM peak, the run's settings, the exports cached."""
-    all_stages = [stage for row in rows for stage in stages(row, host)]
+    all_stages = [stage for row in rows for stage in stages(row, host, opts.prompt)]
     targets = {s.target for s in all_stages if s.kind == "export"}
     cached = {t for t in targets if cached_export(t, model, opts, out) is not None}
     calibrating = any(s.calibrated and s.target not in cached for s in all_stages)

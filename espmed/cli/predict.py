@@ -20,6 +20,12 @@ def describe_runtime(seg) -> str:
     return text if precision == "f32" else f"{text}, {precision}"
 
 
+def _trunk(modality: str) -> str:
+    from ..runtimes.metadata import SHARED_TRUNK
+
+    return "the shared trunk (no modality controller)" if modality == SHARED_TRUNK else f"the {modality} controller"
+
+
 def print_summary(console, outcomes: list, out: Path) -> None:
     from rich.table import Table
 
@@ -93,6 +99,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from ..errors import EspmedError
+        from ..io.npz import is_npz
         from ..pipeline import FORMATS, PredictOptions, check_prompts, collect_jobs, model_hash, prompt_boxes, run_job
         from ..runtimes import load
 
@@ -105,8 +112,10 @@ def register(app: typer.Typer) -> None:
         boxes = prompt_boxes(list(inputs), jobs, box, boxes_file)  # before the model loads: a bad box fails fast
         seg = load(model, device=device, threads=threads, precision=precision, verify=not no_verify,
                    modality=modality, image_size=imgsz)
-        console.print(f"model: {seg.source.name} ({describe_runtime(seg)}, modality {seg.modality}, "
-                      f"{seg.input_size} px)", soft_wrap=True, highlight=False)
+        prompted = bool(boxes) or any(is_npz(job.label) for job in jobs)
+        runs = f"boxes on {_trunk(seg.box_modality)}" if prompted else f"modality {seg.modality}"
+        console.print(f"model: {seg.source.name} ({describe_runtime(seg)}, {runs}, {seg.input_size} px)",
+                      soft_wrap=True, highlight=False)
         if ignored:
             console.print(f"ignoring {len(ignored)} file(s) that are not images (e.g. {ignored[0]})", highlight=False)
         check_prompts(seg, jobs, boxes)
