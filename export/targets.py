@@ -200,7 +200,9 @@ def export(
     recipe = None
     if tgt.calibrated:
         meta.calibration = images.describe()
-        source = Path(checkpoint_or_model) if ckpt_sha else None  # no hash: an in-memory model
+        # no hash: an in-memory model; a box encoder: the recipe beside the checkpoint ranked the
+        # self-prompted graph's masks, so only one named explicitly applies
+        source = Path(checkpoint_or_model) if ckpt_sha and kind.name == "self" else None
         recipe = find_recipe(options.get("recipe"), source, ckpt_sha)
         if recipe is not None:
             meta.extra["recipe"] = recipe.describe()
