@@ -60,3 +60,15 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def output_upscaling(dim: int, upscale_dims: tuple[int, int]) -> nn.Sequential:
+    """SAM's mask-decoder upscaling (keys `0`, `1`, `3`): (B, dim, h, w) -> (B, upscale_dims[1], 4h, 4w)."""
+    u0, u1 = upscale_dims
+    return nn.Sequential(
+        nn.ConvTranspose2d(dim, u0, kernel_size=2, stride=2),
+        LayerNorm2d(u0),
+        nn.GELU(),
+        nn.ConvTranspose2d(u0, u1, kernel_size=2, stride=2),
+        nn.GELU(),
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, output_upscaling
 from .position_encoding import PositionEmbeddingRandom
 from .transformer import TwoWayTransformer
 
@@ -36,14 +36,8 @@ class QueryDecoupledModalityDecoder(nn.Module):
             depth=depth, embedding_dim=dim, num_heads=num_heads, mlp_dim=mlp_dim,
             attention_downsample_rate=attention_downsample_rate,
         )
-        u0, u1 = upscale_dims
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(dim, u0, kernel_size=2, stride=2),
-            LayerNorm2d(u0),
-            nn.GELU(),
-            nn.ConvTranspose2d(u0, u1, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        u1 = upscale_dims[1]
+        self.output_upscaling = output_upscaling(dim, upscale_dims)
         self.hypernetworks = nn.ModuleList(MLP(dim, dim, u1, 3) for _ in range(num_hypernetworks))
 
     def decode_queries(

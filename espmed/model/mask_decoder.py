@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, output_upscaling
 from .transformer import TwoWayTransformer
 
 
@@ -38,14 +38,8 @@ class MaskDecoder(nn.Module):
         )
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(num_mask_tokens, dim)
-        u0, u1 = upscale_dims
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(dim, u0, kernel_size=2, stride=2),
-            LayerNorm2d(u0),
-            nn.GELU(),
-            nn.ConvTranspose2d(u0, u1, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        u1 = upscale_dims[1]
+        self.output_upscaling = output_upscaling(dim, upscale_dims)
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, u1, 3) for _ in range(num_mask_tokens))
         self.iou_prediction_head = MLP(dim, iou_head_hidden_dim, num_mask_tokens, iou_head_depth)
 
