@@ -139,11 +139,15 @@ def test_fp16_checkpoint_is_half_the_size_and_loads_as_float32(tmp_path):
 
 
 def test_default_checkpoint_is_the_shipped_real_model():
+    """fp16 but for the shared encoder and the box-prompted path (fp32: parity with LiteMedSAM)."""
     path = default_checkpoint()
-    assert path.is_file() and path.stat().st_size <= 60e6
+    assert path.is_file() and path.stat().st_size <= 70e6
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
     assert meta[STORED_DTYPE_METADATA_KEY] == "float16"
+    assert dtypes["box_decoder.iou_token.weight"] == dtypes["trunk.layers.1.blocks.0.attn.qkv.weight"] == "F32"
+    assert dtypes["trunk.layers.1.blocks.0.controllers.slots.0.kv_token"] == dtypes["decoder.queries.weight"] == "F16"
     cfg = json.loads(meta["espmed.config"])
     assert cfg["preset"] == "esp-medsam" and cfg["image_size"] == 1024
     assert cfg["modalities"] == ["microscopy", "ct-lesion", "mr-lesion"]

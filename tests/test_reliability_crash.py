@@ -131,6 +131,7 @@ ALLOWED = {
     ("espmed/train/engine.py", "torch.save("): "inside atomic_path",
     ("espmed/train/engine.py", 'open(self.path, "a")'): "append-only JSON-lines training log",
     ("espmed/benchmark/worker.py", "np.savez(fh"): "into an atomic_open handle",
+    ("espmed/io/npz.py", "np.savez_compressed(fh"): "into an atomic_open handle",
     ("espmed/benchmark/report.py", "fig.savefig(tmp"): "inside atomic_path",
     ("espmed/io/dicom_seg.py", "seg.save_as(fh)"): "into an atomic_open handle",
     ("espmed/serve/spool.py", 'open(tmp, "wb")'): "inside atomic_path (checked before it is published)",
