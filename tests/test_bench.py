@@ -316,10 +316,12 @@ def test_box_prompt_bench_times_the_encoder_per_image_and_the_decoder_per_box(bo
 
 
 def test_component_boxes_are_inclusive_and_8_connected():
-    from espmed.benchmark.worker import component_boxes
+    from espmed.benchmark.worker import components
 
     mask = np.zeros((10, 12), bool)
     mask[1:3, 2:5] = True
     mask[3, 5] = True  # touches the first only diagonally
     mask[6:9, 8:12] = True
-    assert component_boxes(mask) == [[2, 1, 5, 3], [8, 6, 11, 8]]
+    labels, boxes = components(mask)
+    assert boxes == [[2, 1, 5, 3], [8, 6, 11, 8]]
+    assert labels[3, 5] == 1 and labels[7, 9] == 2

@@ -141,12 +141,14 @@ def measure(spec: dict, t0: float) -> dict:
     return result
 
 
-def component_boxes(mask) -> list[list[int]]:
-    """One box (x0, y0, x1, y1, inclusive) per 8-connected component of a binary mask, in label order."""
+def components(mask):
+    """(labels, boxes): the 8-connected components of a binary mask (label k + 1 = box k) and one box
+    (x0, y0, x1, y1, inclusive) per component, in label order."""
     from scipy import ndimage
 
     labels, _ = ndimage.label(mask, structure=[[1, 1, 1], [1, 1, 1], [1, 1, 1]])
-    return [[s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1] for s in ndimage.find_objects(labels) if s]
+    boxes = [[s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1] for s in ndimage.find_objects(labels) if s]
+    return labels, boxes
 
 
 def measure_boxes(seg, spec: dict) -> dict:
@@ -155,7 +157,6 @@ def measure_boxes(seg, spec: dict) -> dict:
     component, and the union of the masks (as the max of their logits) written for the accuracy
     columns."""
     import numpy as np
-    from scipy import ndimage
 
     from espmed.atomic import atomic_open
     from espmed.io import read_frame, read_mask
@@ -166,7 +167,7 @@ def measure_boxes(seg, spec: dict) -> dict:
     truths = [read_mask(s["mask"]) for s in samples]
     union, box_dice, e2e, decoder_per_box, n_boxes = {}, [], [], [], 0
     for s, image, truth in zip(samples, images, truths, strict=True):
-        boxes = component_boxes(truth)
+        labels, boxes = components(truth)
         if not boxes:
             continue
         t = time.perf_counter()
@@ -175,7 +176,6 @@ def measure_boxes(seg, spec: dict) -> dict:
         decoder_per_box.append(pred.timings["decoder"] / len(boxes))
         n_boxes += len(boxes)
         union[s["name"]] = pred.logits.max(axis=0)
-        labels, _ = ndimage.label(truth, structure=np.ones((3, 3)))
         box_dice += [dice(pred.masks[k], labels == k + 1) for k in range(len(boxes))]
     with atomic_open(spec["logits"], "wb") as fh:
         np.savez(fh, **union)

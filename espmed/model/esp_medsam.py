@@ -107,6 +107,10 @@ class ESPMedSAM(nn.Module):
         hyper = 0 if cfg.shared_hypernetwork else q
         return torch.tensor(ctrl, dtype=torch.long, device=dev), q, hyper
 
+    def _trunk_controller(self, modality: Modality | None, batch: int) -> int | torch.Tensor | None:
+        """The trunk's controller argument: None (no controller) for no modality."""
+        return None if modality is None else self._resolve(modality, batch)[0]
+
     def _controller_of(self, idx: int) -> int:
         ctrl = self.config.controller_map[idx]
         if ctrl < 0:
@@ -140,7 +144,7 @@ class ESPMedSAM(nn.Module):
         image's modality controller (None: no controller, the shared trunk alone), then the neck.
         What distillation trains; no SPPG, no decoder."""
         self._check_images(images)
-        ctrl = None if modality is None else self._resolve(modality, images.shape[0])[0]
+        ctrl = self._trunk_controller(modality, images.shape[0])
         return self.neck(self.trunk(images, ctrl))
 
     def embed_for_boxes(self, images: torch.Tensor, modality: Modality | None = None) -> torch.Tensor:
@@ -149,7 +153,7 @@ class ESPMedSAM(nn.Module):
         `longest-side-block-exact` resize makes exactly LiteMedSAM's 256² input)."""
         self._require_boxes()
         self._check_images(images)
-        ctrl = None if modality is None else self._resolve(modality, images.shape[0])[0]
+        ctrl = self._trunk_controller(modality, images.shape[0])
         return self.neck(self.trunk(images, ctrl, self.box_patch_embed))
 
     @property
