@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,7 +187,24 @@ modality = "microscopy"
     rows = (out / "per_image.csv").read_text().splitlines()
     assert rows[0].startswith("name,modality,domain") and len(rows) == 5
     assert len(list((out / "predictions").glob("*.png"))) == 4
-    assert "microscopy" in json.loads((out / "summary.json").read_text())["summary"]["seen"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "microscopy" in summary["summary"]["seen"]
+    # the classical baseline's row beside the model's: the recipe recomputed here by hand
+    from scipy.ndimage import binary_fill_holes, gaussian_filter
+    from skimage.filters import threshold_otsu
+
+    from espmed.metrics import dice
+
+    assert summary["baseline"]["methods"] == {"microscopy": "blur σ1.5 + Otsu + fill"}
+    assert "microscopy: baseline" in r.stdout and "microscopy: baseline = blur σ1.5 + Otsu + fill" in r.stdout
+    by_name = {row["name"]: row for row in csv.DictReader((out / "per_image.csv").open())}
+    expected = []
+    for s in nuclei_samples("test"):
+        blurred = gaussian_filter(s.image.astype(np.float64), 1.5, mode="nearest", truncate=4.0)
+        expected.append(dice(binary_fill_holes(blurred > threshold_otsu(blurred)), s.mask))
+        assert float(by_name[s.name]["baseline_dice"]) == pytest.approx(expected[-1], abs=1e-5)
+    assert summary["baseline"]["summary"]["seen"]["microscopy"]["dice"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert 0.5 < np.mean(expected) < 1.0
     # bad input: one-line error, exit 2, no traceback, nothing half-written
     r = _cli("eval", "--checkpoint", str(tmp_path / "missing.safetensors"), "--config", str(cfg))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

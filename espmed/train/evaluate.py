@@ -1,5 +1,6 @@
 """Evaluation: predictions through the shared numpy pre/post-processing, metrics per image, summaries
-per modality and domain (seen / unseen), a per-image CSV and optional prediction PNGs."""
+per modality and domain (seen / unseen), a per-image CSV and optional prediction PNGs. Modalities with
+a classical baseline (`espmed.baseline`) get its scores on the same images beside the model's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes, write_text
+from ..baseline import BASELINES
 from ..data.sources import Sample
 from ..metrics import METRIC_NAMES, dice, segmentation_metrics
 from ..model import ESPMedSAM
@@ -94,14 +96,15 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict:
-    """Per-image Dice/IoU/HD95/NSD and per-domain, per-modality means.
+    """Per-image Dice/IoU/HD95/NSD and per-domain, per-modality means; for modalities with a classical
+    baseline, its per-image Dice (`baseline_dice`) and its own summary (`baseline`: method, summary).
 
     With `out_dir`: writes `per_image.csv`, `summary.json` and (with `save_predictions`)
     `predictions/<name>.png` (0/255 masks at the original image size).
     """
     threshold = model.config.preprocessing.mask_threshold
     logits = predict_logits(model, samples, batch_size)
-    rows = []
+    rows, baseline_rows = [], []
     iterator = zip(samples, logits, strict=True)
     if progress:
         from rich.progress import track
@@ -110,7 +113,7 @@ def evaluate(
     for s, lg in iterator:
         pred = mask_from_logits(lg, threshold)
         metrics = segmentation_metrics(pred, s.mask, nsd_tolerance=nsd_tolerance)
-        rows.append({
+        row = {
             "name": s.name,
             "modality": s.modality,
             "domain": s.domain,
@@ -119,10 +122,19 @@ def evaluate(
             "truth_pixels": int(s.mask.sum()),
             "pred_pixels": int(pred.sum()),
             **metrics,
-        })
+            "baseline_dice": None,  # this modality has no baseline
+        }
+        baseline = BASELINES.get(s.modality)
+        if baseline is not None:
+            scores = segmentation_metrics(baseline(s.image), s.mask, nsd_tolerance=nsd_tolerance)
+            row["baseline_dice"] = scores["dice"]
+            baseline_rows.append({"modality": s.modality, "domain": s.domain, **scores})
+        rows.append(row)
         if out_dir is not None and save_predictions:
             write_bytes(Path(out_dir) / "predictions" / f"{s.name}.png", _png(pred))
-    result = {"nsd_tolerance_px": nsd_tolerance, "summary": _summary(rows), "images": rows}
+    methods = {m: BASELINES[m].name for m in sorted({r["modality"] for r in baseline_rows})}
+    result = {"nsd_tolerance_px": nsd_tolerance, "summary": _summary(rows),
+              "baseline": {"methods": methods, "summary": _summary(baseline_rows)}, "images": rows}
     if out_dir is not None:
         out = Path(out_dir)
         buf = io.StringIO()
