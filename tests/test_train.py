@@ -196,7 +196,7 @@ modality = "microscopy"
     from espmed.metrics import dice
 
     assert summary["baseline"]["methods"] == {"microscopy": "blur σ1.5 + Otsu + fill"}
-    assert "microscopy: baseline" in r.stdout and "microscopy: baseline = blur σ1.5 + Otsu + fill" in r.stdout
+    assert "↳ baseline (microscopy): blur σ1.5 + Otsu + fill" in r.stdout
     by_name = {row["name"]: row for row in csv.DictReader((out / "per_image.csv").open())}
     expected = []
     for s in nuclei_samples("test"):

@@ -238,19 +238,19 @@ def eval_(
 
     table = Table(title=f"{checkpoint.name}: {len(samples)} images")
     for col in ("domain", "modality", "images", "Dice", "IoU", "HD95 (px)", f"NSD ({nsd_tolerance:g} px)"):
-        table.add_column(col, justify="right" if col not in ("domain", "modality") else "left", no_wrap=True)
+        table.add_column(col, justify="right" if col not in ("domain", "modality") else "left")
     baseline = result["baseline"]
     for dom, mods in result["summary"].items():
         for mod, s in mods.items():
             rows = [(mod, s)]
             if mod in baseline["summary"].get(dom, {}):
-                rows.append((f"{mod}: baseline", baseline["summary"][dom][mod]))
+                rows.append(("↳ baseline", baseline["summary"][dom][mod]))
             for label, m in rows:
                 table.add_row(dom, label, str(m["images"]), f"{m['dice']:.4f}", f"{m['iou']:.4f}", f"{m['hd95']:.2f}",
                               f"{m['nsd']:.4f}")
     Console().print(table)
     for mod, method in baseline["methods"].items():
-        typer.echo(f"{mod}: baseline = {method}, on the same images and masks")
+        typer.echo(f"↳ baseline ({mod}): {method}, on the same images and masks")
     typer.echo(f"per-image CSV: {out_dir / 'per_image.csv'}; summary: {out_dir / 'summary.json'}")
 
 
