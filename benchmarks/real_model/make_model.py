@@ -25,6 +25,7 @@ Stages (outputs and training logs under runs/real/<stage>/, results under benchm
            from the stored file, and its model card.
   box      (not part of `all`) the stage-3 model of a file shipped before the box-prompted path, as
            `all` now makes it (see `stage_box`); then `ship`.
+  report   (not part of `all`) rewrite results/README.md and the model card from the stages' JSON.
 
 The cosine: student at 1024² vs LiteMedSAM at 256², per-position over the unpadded 64x64 grid, mean
 per image, then per modality (`espmed.train.distill.embedding_cosine`).
@@ -370,14 +371,41 @@ def cosine_table() -> list[str]:
     return lines
 
 
+def baseline_per_volume() -> dict[str, dict]:
+    """The classical baseline (`espmed.baseline`) on the held-out images of the modalities that have
+    one, per volume or image as `evaluate_model` groups them; no model involved."""
+    from espmed.baseline import BASELINES
+    from espmed.metrics import segmentation_metrics
+    from espmed.train import load_config
+
+    groups: dict[str, list] = {}
+    for s in _samples(load_config(SEGMENT_CONFIG), "test"):
+        if s.modality in BASELINES:
+            groups.setdefault(s.name.split("_ax")[0], []).append((s, BASELINES[s.modality](s.image)))
+    out = {}
+    for name, pairs in groups.items():
+        rows = [segmentation_metrics(pred, s.mask, nsd_tolerance=2.0) for s, pred in pairs]
+        tp, pred_px, truth = (sum(int(x.sum()) for x in xs) for xs in zip(*(
+            (p & s.mask, p, s.mask) for s, p in pairs), strict=True))
+        out[name] = {"method": BASELINES[pairs[0][0].modality].name, "dice_pooled": 2 * tp / max(1, pred_px + truth),
+                     **{f"{m}_mean": sum(r[m] for r in rows) / len(rows) for m in ("dice", "iou", "hd95", "nsd")}}
+    return out
+
+
 def metrics_table(result: dict) -> list[str]:
+    """Per held-out volume or image; under each one with a classical baseline, the baseline's row."""
+    baselines = baseline_per_volume()
     lines = ["| modality | held-out volume / image | slices | truth px | Dice (pooled) | Dice (mean/slice) | IoU "
              "| HD95 (px) | NSD (2 px) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result["per_volume"]:
         source = v["volume_or_image"] + (" (unseen source)" if v.get("domain") == "unseen" else "")
-        lines.append(f"| {v['modality']} | {source} | {v['slices']} | {v['truth_pixels']:,} | "
-                     f"{v['dice_pooled']:.4f} | {v['dice_mean']:.4f} | {v['iou_mean']:.4f} | {v['hd95_mean']:.2f} | "
-                     f"{v['nsd_mean']:.4f} |")
+        rows = [(v["modality"], source, v)]
+        if b := baselines.get(v["volume_or_image"]):
+            rows.append(("", f"↳ baseline: {b['method']}", b))
+        for modality, what, m in rows:
+            lines.append(f"| {modality} | {what} | {v['slices']} | {v['truth_pixels']:,} | "
+                         f"{m['dice_pooled']:.4f} | {m['dice_mean']:.4f} | {m['iou_mean']:.4f} | "
+                         f"{m['hd95_mean']:.2f} | {m['nsd_mean']:.4f} |")
     return lines
 
 
@@ -454,7 +482,7 @@ def _cost(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=(*STAGES, "all", "box"))
+    parser.add_argument("stage", choices=(*STAGES, "all", "box", "report"))
     parser.add_argument("--epochs", type=int, default=None, help="override the stage's epochs (stage1: at 1024²)")
     parser.add_argument("--epochs-512", type=int, default=0,
                         help="stage1: epochs at 512² (teacher 128²) before 1024²; default 0: they lower 1024² cosine")
@@ -470,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     run = {"init": stage_init, "stage1": lambda a: stage_distill(a, "stage1"),
            "stage2": lambda a: stage_distill(a, "stage2"), "stage3": stage_segment, "eval": stage_eval,
-           "ship": stage_ship, "box": stage_box}
+           "ship": stage_ship, "box": stage_box, "report": lambda a: None}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         started = time.monotonic()
         run[stage](args)
