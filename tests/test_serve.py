@@ -18,7 +18,7 @@ import pytest
 from espmed.errors import SpoolFull
 from espmed.io.dicom_seg import derived_uid
 from espmed.pipeline import model_hash
-from espmed.serve.node import Destination
+from espmed.serve.destinations import Destination, DicomWebDestination, parse_destination
 from espmed.serve.sender import Retry
 from espmed.serve.spool import Spool, check_uid
 
@@ -92,6 +92,31 @@ def test_uids_destinations_retry_and_spool_limits(tmp_path):
     for bad in ("PACS", "PACS@host", "@h:1", "A@h:99999", "WAY_TOO_LONG_AE_TITLE@h:1"):
         with pytest.raises(EspmedError):
             Destination.parse(bad)
+    for text, kind, shown in (("PACS@10.0.0.5:104", Destination, "PACS@10.0.0.5:104"),
+                              ("TLS://PACS@pacs:2762", Destination, "tls://PACS@pacs:2762"),
+                              ("dicomweb+http://127.0.0.1:8042/dicom-web/", DicomWebDestination,
+                               "dicomweb+http://127.0.0.1:8042/dicom-web"),
+                              ("dicomweb+HTTPS://PACS.example/wado", DicomWebDestination,
+                               "dicomweb+https://pacs.example/wado")):
+        d = parse_destination(text)
+        assert isinstance(d, kind) and str(d) == shown and parse_destination(str(d)) == d
+    web = parse_destination("dicomweb+https://pacs:443/dicom-web")
+    assert web.base == "https://pacs:443/dicom-web" and web.key == "dicomweb+https_pacs_443_dicom-web"
+    keys = {parse_destination(t).key for t in ("A@h:1", "tls://A@h:1", "dicomweb+http://h:1", "dicomweb+https://h:1")}
+    assert len(keys) == 4 and all("/" not in k and ":" not in k for k in keys)
+    for bad, match in (("PACS", "expected AET@HOST:PORT, tls://AET@HOST:PORT, dicomweb"),
+                       ("http://pacs/dicom-web", "expected AET@HOST:PORT, tls://AET@HOST:PORT, dicomweb"),
+                       ("dicomweb+ftp://pacs/x", "expected AET@HOST:PORT, tls://AET@HOST:PORT, dicomweb"),
+                       ("dicomweb+http://pacs:notaport/x", "expected dicomweb"),
+                       ("dicomweb+https://", "expected dicomweb"),
+                       ("dicomweb+http://pacs/x?token=1", "no query"),
+                       ("dicomweb+http://[::1]:8042/x", "IPv6"),
+                       ("A@h:0", "expected AET@HOST:PORT")):
+        with pytest.raises(EspmedError, match=match):
+            parse_destination(bad)
+    with pytest.raises(EspmedError, match="no credentials in the URL.*config file") as err:
+        parse_destination("dicomweb+https://admin:s3cret@pacs/dicom-web")
+    assert "s3cret" not in str(err.value)
     retry = Retry(tries=5, base=2.0, cap=10.0)
     assert [retry.delay(n) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
 

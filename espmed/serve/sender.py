@@ -66,7 +66,7 @@ class Sender(threading.Thread):
 
     def __init__(self, *, destination: Destination | DicomWebDestination, spool: Spool, status: Status,
                  calling_aet: str, retry: Retry, stop: threading.Event, tls: ssl.SSLContext | None = None,
-                 session=None) -> None:
+                 session: requests.Session | None = None) -> None:
         super().__init__(name=f"send-{destination.key}", daemon=True)
         self.destination = destination
         self.spool = spool
@@ -158,7 +158,7 @@ class Sender(threading.Thread):
             try:
                 why = stow_result(None, self.client.store_instances([ds]), uid)
             except requests.HTTPError as exc:
-                why = stow_result(exc.response.status_code, _answer(exc.response), uid, first_line(exc.response.text))
+                why = stow_result(exc.response.status_code, _answer(exc.response), uid, _first_line(exc.response.text))
             except (requests.ConnectionError, requests.Timeout) as exc:
                 for rest in items[n:]:
                     self._failed(rest, f"cannot connect (destination down?): {_reason(exc)}")
@@ -231,6 +231,11 @@ def _answer(response):
         return pydicom.Dataset.from_json(response.json())
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def _first_line(text: str) -> str:
+    """An error body's first non-blank line, cut short (it may be a page of HTML)."""
+    return next((line.strip()[:120] for line in text.splitlines() if line.strip()), "")
 
 
 def _reason(exc: Exception) -> str:

@@ -1,0 +1,260 @@
+"""`espmed serve` inside a real PACS: Orthanc (Debian's package, started here on loopback) sends a
+series to the node by C-STORE (its REST `/modalities/<node>/store`); the node returns the SEG by
+C-STORE in one test and by DICOMweb STOW-RS in the other; the SEG is read back from Orthanc with
+highdicom. A kill -9 before delivery, and a re-delivery of a SEG Orthanc already holds, each leave
+exactly one SEG instance there.
+
+What Orthanc 1.10.1 (DICOMweb plugin 1.7) answers for an instance it already holds: C-STORE status
+0x0000 (Success), STOW-RS HTTP 200 with the instance in ReferencedSOPSequence and FailedSOPSequence
+empty; it keeps the first copy. `pytest -s` prints the round-trip table."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from pydicom.uid import SegmentationStorage
+
+from espmed.serve.destinations import parse_destination
+from espmed.serve.sender import DUPLICATE, Retry, make_sender, stow_result
+from espmed.serve.spool import Spool
+from espmed.serve.status import Status
+
+from .orthanc import MISSING, Orthanc
+from .serve_node import Node, send, series, wait_for
+
+pytest.importorskip("pynetdicom")
+
+ROWS: list[tuple] = []
+COLUMNS = ("path", "scenario", "instances sent", "SEG sends", "SEG instances in Orthanc after", "duplicates")
+PATHS = ("C-STORE", "STOW-RS")
+needs_orthanc = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from .runtime_artifacts import build_artifacts
+
+    return build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table():
+    yield
+    if ROWS:
+        print("\n| " + " | ".join(COLUMNS) + " |")
+        print("|" + "---|" * len(COLUMNS))
+        for row in ROWS:
+            print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.remove()
+
+
+def destination(path: str, orthanc: Orthanc) -> str:
+    return f"ORTHANC@127.0.0.1:{orthanc.dicom_port}" if path == "C-STORE" else f"dicomweb+{orthanc.dicomweb}"
+
+
+def segs(orthanc: Orthanc) -> list[str]:
+    return orthanc.instances_of_class(SegmentationStorage)
+
+
+def one_seg(orthanc: Orthanc, sources) -> str:
+    """Wait for the SEG of `sources` in Orthanc; check it is the only one and references them all."""
+    import highdicom as hd
+    import pydicom
+
+    found = wait_for(lambda: segs(orthanc), 60, "a SEG in Orthanc", step=0.5)
+    time.sleep(1.0)  # a second copy in flight would have landed by now
+    assert len(segs(orthanc)) == 1, segs(orthanc)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(orthanc.file(found[0]))))
+    refs = seg.ReferencedSeriesSequence
+    assert [str(r.SeriesInstanceUID) for r in refs] == [str(sources[0].SeriesInstanceUID)]
+    assert {str(i.ReferencedSOPInstanceUID) for i in refs[0].ReferencedInstanceSequence} == \
+        {str(ds.SOPInstanceUID) for ds in sources}
+    assert str(seg.StudyInstanceUID) == str(sources[0].StudyInstanceUID)
+    return found[0]
+
+
+def sends(node: Node) -> int:
+    """How many times the node logged a delivery (restarts included)."""
+    return len(re.findall(r"\bsent \S+ to ", node.log()))
+
+
+# -- units -----------------------------------------------------------------------------------------
+def test_stow_response_classification():
+    """Real Store Instances Response datasets (as Orthanc and PS3.18 shape them) and HTTP codes."""
+    from pydicom import Dataset
+
+    def answer(referenced=(), failed=()) -> Dataset:
+        def item(uid: str, reason: int | None = None) -> Dataset:
+            out = Dataset()
+            out.ReferencedSOPClassUID, out.ReferencedSOPInstanceUID = SegmentationStorage, uid
+            if reason is not None:
+                out.FailureReason = reason
+            return out
+
+        ds = Dataset()
+        ds.ReferencedSOPSequence = [item(uid) for uid in referenced]
+        ds.FailedSOPSequence = [item(uid, reason) for uid, reason in failed]
+        return Dataset.from_json(ds.to_json_dict())  # through the wire format
+
+    assert stow_result(None, answer(referenced=["1.2.3"]), "1.2.3") is None  # stored (and Orthanc's repeat)
+    assert stow_result(None, answer(failed=[("1.2.3", DUPLICATE)]), "1.2.3") is None  # already held
+    assert stow_result(409, None, "1.2.3", "Conflict") is None  # already held
+    assert stow_result(409, answer(failed=[("1.2.3", 0xA700)]), "1.2.3") is None
+    assert stow_result(None, answer(referenced=["9.9"], failed=[("1.2.3", 0xC000)]), "1.2.3") == \
+        "HTTP 2xx, FailureReason 0xC000"
+    assert stow_result(400, answer(failed=[("1.2.3", 0xA900)]), "1.2.3", "bad") == "HTTP 400, FailureReason 0xA900"
+    assert stow_result(None, answer(referenced=["9.9"]), "1.2.3") == \
+        "HTTP 2xx without the instance in ReferencedSOPSequence"
+    assert stow_result(None, Dataset(), "1.2.3") == "HTTP 2xx without the instance in ReferencedSOPSequence"
+    assert stow_result(503, None, "1.2.3", "Service Unavailable") == "HTTP 503: Service Unavailable"
+    assert stow_result(401, None, "1.2.3") == "HTTP 401"
+
+
+def test_dicomweb_settings_come_from_the_config(tmp_path):
+    from types import SimpleNamespace
+
+    from espmed.errors import EspmedError
+    from espmed.serve.sender import dicomweb_session
+
+    plain = dicomweb_session(SimpleNamespace())
+    assert plain.verify is True and plain.auth is None and not plain.trust_env
+    assert dicomweb_session(SimpleNamespace(dicomweb_username="u", dicomweb_password="p")).auth == ("u", "p")
+    bearer = dicomweb_session(SimpleNamespace(dicomweb_token="t0k"))
+    assert bearer.headers["Authorization"] == "Bearer t0k"
+    for bad, match in (({"dicomweb_username": "u", "dicomweb_password": "p", "dicomweb_token": "t"}, "give one"),
+                       ({"dicomweb_username": "u"}, "go together"),
+                       ({"dicomweb_cert": tmp_path / "c.pem"}, "go together"),
+                       ({"dicomweb_ca": tmp_path / "missing.pem"}, "cannot load")):
+        with pytest.raises(EspmedError, match=match):
+            dicomweb_session(SimpleNamespace(**bad))
+
+
+# -- Orthanc -------------------------------------------------------------------------------------------
+@needs_orthanc
+@pytest.mark.parametrize("path", PATHS)
+def test_orthanc_sends_a_series_and_gets_its_seg_back(model, tmp_path, orthanc, path):
+    orthanc.start()
+    node = Node(model, tmp_path / "spool", "--destination", destination(path, orthanc), "--series-timeout", "1",
+                "--retry-seconds", "0.5").start()
+    try:
+        orthanc.add_modality("espmed", "ESPMED", node.port)
+        sources = series(3)
+        ids = [orthanc.upload(ds) for ds in sources]
+        orthanc.store_to("espmed", ids)
+        one_seg(orthanc, sources)
+        counts = node.status()["counts"]
+        assert counts["instances_received"] == 3 and counts["sent"] == 1
+        assert counts["send_failures"] == 0 and counts["dead_lettered"] == 0
+        ROWS.append((path, "round trip", 3, sends(node), len(segs(orthanc)), len(segs(orthanc)) - 1))
+    finally:
+        node.stop()
+
+
+@needs_orthanc
+@pytest.mark.parametrize("path", PATHS)
+def test_kill_before_delivery_then_restart_leaves_one_seg(model, tmp_path, orthanc, path):
+    """Orthanc is down while the node segments; the node is killed with the SEG in its outbox, Orthanc
+    comes up, the restarted node delivers: one SEG."""
+    node = Node(model, tmp_path / "spool", "--destination", destination(path, orthanc), "--series-timeout", "1",
+                "--retry-seconds", "0.2", "--send-tries", "1000").start()
+    outbox = node.spool / "outbox" / parse_destination(destination(path, orthanc)).key
+    sources = series(3)
+    try:
+        assert send(sources, node.port) == [0, 0, 0]
+        queued = wait_for(lambda: list(outbox.glob("*.dcm")), 60, "the SEG in the outbox")
+        wait_for(lambda: node.status().get("counts", {}).get("send_failures"), 30, "a failed send")
+        node.kill()
+        orthanc.start()
+        orthanc.add_modality("espmed", "ESPMED", node.port)
+        node.start()
+        seg_id = one_seg(orthanc, sources)
+        assert [p.stem for p in queued] == [orthanc.get(f"/instances/{seg_id}/simplified-tags")["SOPInstanceUID"]]
+        wait_for(lambda: not list(outbox.glob("*.dcm")), 30, "an empty outbox")
+        assert not any((node.spool / "dead").rglob("*.dcm"))
+        ROWS.append((path, "kill -9 before delivery, restart", 3, sends(node), len(segs(orthanc)),
+                     len(segs(orthanc)) - 1))
+    finally:
+        node.stop()
+
+
+@needs_orthanc
+@pytest.mark.parametrize("path", PATHS)
+def test_redelivering_a_seg_orthanc_holds_counts_as_delivered(model, tmp_path, orthanc, path):
+    """The crash between delivery and the outbox removal: the same SEG is queued again, and sent with
+    one try allowed, so any answer but "held" would dead-letter it."""
+    import pydicom
+
+    orthanc.start()
+    node = Node(model, tmp_path / "spool", "--destination", destination(path, orthanc), "--series-timeout", "1"
+                ).start()
+    try:
+        sources = series(3)
+        assert send(sources, node.port) == [0, 0, 0]
+        seg_id = one_seg(orthanc, sources)
+    finally:
+        node.stop()
+    seg = pydicom.dcmread(io.BytesIO(orthanc.file(seg_id)))
+    target = parse_destination(destination(path, orthanc))
+    spool = Spool(tmp_path / "again", series_bytes=1 << 30, spool_bytes=1 << 30, min_free_bytes=0)
+    status = Status(spool.root / "status.json", {})
+    stop = threading.Event()
+    config = SimpleNamespace(destinations=[target])  # a node's configuration without any TLS or DICOMweb setting
+    sender = make_sender(target, spool=spool, status=status, calling_aet="ESPMED", retry=Retry(tries=1), stop=stop,
+                         config=config)
+    sender.start()
+    try:
+        for n in (1, 2):
+            spool.queue(target.key, str(seg.SOPInstanceUID), seg)
+            sender.wake.set()
+            wait_for(lambda n=n: status.counts["sent"] == n, 30, f"re-delivery {n}")
+    finally:
+        stop.set()
+        sender.join(timeout=30)
+    assert status.counts["send_failures"] == status.counts["dead_lettered"] == 0, list(status.errors)
+    assert not spool.outbox(target.key) and not any((spool.root / "dead").rglob("*.dcm"))
+    assert segs(orthanc) == [seg_id]
+    if path == "C-STORE":  # what Orthanc answers for an instance it holds (see the module docstring)
+        assert send([seg], orthanc.dicom_port, called="ORTHANC") == [0x0000]
+    else:
+        from dicomweb_client import DICOMwebClient
+
+        answer = DICOMwebClient(orthanc.dicomweb).store_instances([seg])
+        assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [str(seg.SOPInstanceUID)]
+        assert not answer.get("FailedSOPSequence")
+    assert segs(orthanc) == [seg_id]
+    ROWS.append((path, "delivered SEG re-queued twice, then sent once more directly", 3, sends(node) + 3,
+                 len(segs(orthanc)), len(segs(orthanc)) - 1))
+
+
+@needs_orthanc
+def test_a_stow_failure_retries_then_dead_letters(tmp_path, orthanc):
+    """A refused STOW-RS (HTTP 404 here: a wrong path) goes the same way as a refused C-STORE."""
+    orthanc.start()
+    target = parse_destination(f"dicomweb+{orthanc.url}/not-dicom-web")
+    spool = Spool(tmp_path / "spool", series_bytes=1 << 30, spool_bytes=1 << 30, min_free_bytes=0)
+    status = Status(spool.root / "status.json", {})
+    stop = threading.Event()
+    sender = make_sender(target, spool=spool, status=status, calling_aet="ESPMED", retry=Retry(tries=2, base=0.1),
+                         stop=stop, config=None)
+    ds = series(1)[0]
+    spool.queue(target.key, str(ds.SOPInstanceUID), ds)
+    sender.start()
+    try:
+        wait_for(lambda: status.counts["dead_lettered"] == 1, 30, "a dead letter")
+    finally:
+        stop.set()
+        sender.join(timeout=30)
+    assert status.counts["send_failures"] == 2 and status.counts["sent"] == 0
+    assert (spool.root / "dead" / target.key / f"{ds.SOPInstanceUID}.dcm").is_file()
+    assert "HTTP 404" in status.errors[-1]["error"], list(status.errors)
