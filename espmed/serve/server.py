@@ -87,17 +87,11 @@ def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
     return context
 
 
-def destination_tls(config) -> ssl.SSLContext | None:
+def destination_tls(config) -> ssl.SSLContext:
     """The client TLS context for tls:// destinations: the server's certificate is verified (against
     `destination_ca`, else the system's CAs) and its name checked; a client certificate is
-    presented when given. None when no destination uses TLS."""
+    presented when given (`config.validate` checks that the settings go together)."""
     given = [p for p in (config.destination_ca, config.destination_cert, config.destination_key) if p]
-    if not any(d.tls for d in config.destinations):
-        if given:
-            raise EspmedError("--destination-ca/--destination-cert/--destination-key need a tls:// destination")
-        return None
-    if bool(config.destination_cert) != bool(config.destination_key):
-        raise EspmedError("--destination-cert and --destination-key go together")
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.destination_ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -118,7 +112,7 @@ class StoreHandler:
         self.status = status
         self.instance_bytes = instance_bytes
         self.allow = allow or []
-        self.output_copies = output_copies  # one per destination's outbox, or the one in results/
+        self.output_copies = output_copies  # outboxes (or the one results/) of the route with the most
         # association -> [data-set, command-set] bytes of the messages being received (None: aborting)
         self._receiving: dict = {}
 
@@ -219,6 +213,7 @@ class StoreHandler:
             # declared size, decodable, finite: read from the received file a frame at a time
             stored = self.spool.store_file(series, sop, received, reserve=self.output_copies * output_bytes(ds),
                                            check=lambda path: check_decodable(ds, label, source=path))
+            self.spool.note_caller(series, calling)  # for routing by calling_ae, after a restart too
         except (SpoolFull, OSError) as exc:
             return self._refuse(OUT_OF_RESOURCES, calling, sop, str(exc))
         except (EspmedError, ValueError) as exc:

@@ -3,7 +3,8 @@
     incoming/<random>.dcm                                instances being received (pynetdicom writes here)
     instances/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received instances, bytes as sent
     instances/<SeriesInstanceUID>/.revision              times an instance was replaced by other bytes
-    done/<SeriesInstanceUID>.json                        instances last segmented, and when
+    instances/<SeriesInstanceUID>/.calling_ae            the AE title that sent the series' first instance
+    done/<SeriesInstanceUID>.json                        instances last segmented (or routed nowhere), and when
     outbox/<destination>/<SOPInstanceUID>.dcm            derived instances still to send
     outbox/<destination>/<SOPInstanceUID>.tries          failed attempts so far
     dead/<destination>/<SOPInstanceUID>.dcm              given up after the last try (kept)
@@ -33,6 +34,8 @@ from ..io.dicom_seg import save_dicom
 
 #: Beside a series' instances: how many times one of them was replaced by other bytes.
 REVISION = ".revision"
+#: Beside a series' instances: the calling AE title it came from (routing reads it after a restart).
+CALLING_AE = ".calling_ae"
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -147,6 +150,19 @@ class Spool:
         except (OSError, ValueError):
             return 0
 
+    def note_caller(self, series_uid: str, calling_ae: str) -> None:
+        """Record the AE title a series came from, once: the first sender's (call after `store_file`)."""
+        path = self.root / "instances" / series_uid / CALLING_AE
+        if not path.is_file():
+            write_text(path, calling_ae)
+
+    def caller(self, series_uid: str) -> str | None:
+        """The calling AE title the series came from (None if not recorded)."""
+        try:
+            return (self.root / "instances" / series_uid / CALLING_AE).read_text(encoding="utf-8")
+        except OSError:
+            return None
+
     def instances(self, series_uid: str) -> list[Path]:
         return sorted((self.root / "instances" / series_uid).glob("*.dcm"))
 
@@ -169,9 +185,11 @@ class Spool:
             return {}
 
     def mark_done(self, series_uid: str, instance_uids: set[str], outputs: list[str], result: str,
-                  revision: int = 0) -> None:
+                  revision: int = 0, *, route: str = "", unrouted: bool = False) -> None:
+        """Record what the series' last segmentation covered; route: the route that did it;
+        unrouted: no route took it (not segmented; kept for `expire`'s unrouted_seconds)."""
         record = {"instances": sorted(instance_uids), "outputs": outputs, "result": result, "time": time.time(),
-                  "revision": revision}
+                  "revision": revision, "route": route, "unrouted": unrouted}
         write_text(self.root / "done" / f"{series_uid}.json", json.dumps(record, indent=1))
 
     def pending(self, series_uid: str) -> bool:
@@ -187,17 +205,20 @@ class Spool:
         except (ValueError, TypeError):
             return True
 
-    def expire(self, keep_seconds: float) -> int:
-        """Forget series segmented more than `keep_seconds` ago (their instances are kept until
-        then so that a late instance can reopen the series). Returns how many were removed."""
+    def expire(self, keep_seconds: float, *, unrouted_seconds: float | None = None) -> int:
+        """Forget series segmented more than `keep_seconds` ago, and series no route took more than
+        `unrouted_seconds` ago (default `keep_seconds`); their instances are kept until then so that a
+        late instance can reopen the series. Returns how many were removed."""
         removed = 0
         for record in (self.root / "done").glob("*.json"):
             uid = record.stem
             try:
-                done_at = float(json.loads(record.read_text(encoding="utf-8"))["time"])
-            except (OSError, ValueError, KeyError, TypeError):
+                data = json.loads(record.read_text(encoding="utf-8"))
+                done_at, unrouted = float(data["time"]), data.get("unrouted") is True
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if time.time() - done_at < keep_seconds or self.pending(uid):
+            keep = unrouted_seconds if unrouted and unrouted_seconds is not None else keep_seconds
+            if time.time() - done_at < keep or self.pending(uid):
                 continue
             with self._lock:
                 shutil.rmtree(self.root / "instances" / uid, ignore_errors=True)

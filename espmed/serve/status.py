@@ -13,8 +13,8 @@ from ..atomic import write_text
 
 COUNTERS = (
     "associations", "associations_rejected", "connections_refused", "echoes", "instances_received",
-    "instances_changed", "instances_refused",
-    "series_segmented", "series_failed", "frames_segmented", "sent", "send_failures", "dead_lettered",
+    "instances_changed", "instances_refused", "series_segmented", "series_failed", "series_unrouted",
+    "frames_segmented", "sent", "send_failures", "dead_lettered",
 )
 #: How many recent errors the status file keeps.
 LAST_ERRORS = 20
@@ -28,6 +28,7 @@ class Status:
         self.info = info
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.refusals: collections.Counter = collections.Counter()  # connections closed, by reason
+        self.by_route: collections.Counter = collections.Counter()  # series segmented, by route name
         self.errors: collections.deque = collections.deque(maxlen=LAST_ERRORS)
         self.state = "starting"
         self.segmenting: str | None = None
@@ -45,6 +46,11 @@ class Status:
             self.counts["connections_refused"] += 1
             self.refusals[reason] += 1
 
+    def routed(self, route: str) -> None:
+        """One series segmented by the route named `route`."""
+        with self._lock:
+            self.by_route[route] += 1
+
     def error(self, message: str) -> None:
         with self._lock:
             self.errors.append({"time": _now(), "error": message})
@@ -58,7 +64,8 @@ class Status:
             data = {
                 **self.info, "pid": os.getpid(), "state": self.state, "updated": _now(),
                 "queue": {"series_waiting": self.waiting, "segmenting": self.segmenting, **queue},
-                "counts": dict(self.counts), "connections_refused_by_reason": dict(self.refusals),
+                "counts": dict(self.counts), "series_by_route": dict(self.by_route),
+                "connections_refused_by_reason": dict(self.refusals),
                 "last_errors": list(self.errors),
             }
         write_text(self.path, json.dumps(data, indent=1))
