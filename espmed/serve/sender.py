@@ -159,6 +159,11 @@ class Sender(threading.Thread):
                 why = stow_result(None, self.client.store_instances([ds]), uid)
             except requests.HTTPError as exc:
                 why = stow_result(exc.response.status_code, _answer(exc.response), uid, _first_line(exc.response.text))
+            except requests.exceptions.SSLError as exc:  # the server is up: not "destination down?"
+                for rest in items[n:]:
+                    self._failed(rest, f"TLS handshake failed (server certificate not trusted by dicomweb_ca, or "
+                                       f"client certificate missing or refused?): {_reason(exc)}")
+                return
             except (requests.ConnectionError, requests.Timeout) as exc:
                 for rest in items[n:]:
                     self._failed(rest, f"cannot connect (destination down?): {_reason(exc)}")
