@@ -10,7 +10,7 @@ other, directly or in a cycle.
 | package            | may import                                                         |
 |--------------------|--------------------------------------------------------------------|
 | `espmed` (version), `espmed.errors`, `espmed.atomic` | nothing of espmed (the standard library)  |
-| `espmed.metrics`, `espmed.machine` | the above                                          |
+| `espmed.metrics`, `espmed.machine`, `espmed.baseline` | the above                        |
 | `espmed.io`        | the above                                                          |
 | `espmed.model`     | the above (torch)                                                  |
 | `espmed.runtimes`  | the above; `espmed.model` only in `runtimes.torch_reference`       |

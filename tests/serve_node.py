@@ -19,6 +19,15 @@ import numpy as np
 HOST = "127.0.0.1"
 
 
+def print_table(columns, rows) -> None:
+    """A Markdown table of a test module's measured rows (shown with `pytest -s`)."""
+    if rows:
+        print("\n| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(str(v) for v in row) + " |")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -106,7 +115,7 @@ def echo(port: int, *, calling: str = "SCANNER", tls=None) -> bool:
 class Node:
     """`espmed serve` as a subprocess on a fresh port, over a spool that outlives restarts."""
 
-    def __init__(self, model: Path, spool: Path, *args: str) -> None:
+    def __init__(self, model: Path | None, spool: Path, *args: str) -> None:
         self.model, self.spool, self.args = model, spool, list(args)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -115,7 +124,8 @@ class Node:
     def start(self, *extra: str) -> Node:
         log = self.spool.with_name(f"{self.spool.name}-{len(self.logs)}.log")
         self.logs.append(log)
-        cmd = [sys.executable, "-c", "from espmed.cli import run; run()", "serve", "--model", str(self.model),
+        model = ["--model", str(self.model)] if self.model is not None else []  # None: --config's routes only
+        cmd = [sys.executable, "-c", "from espmed.cli import run; run()", "serve", *model,
                "--spool", str(self.spool), "--port", str(self.port), "--host", HOST, "--threads", "1",
                *self.args, *extra]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -22,7 +22,7 @@ from espmed.serve.destinations import Destination, DicomWebDestination, parse_de
 from espmed.serve.sender import Retry
 from espmed.serve.spool import Spool, check_uid
 
-from .serve_node import Node, Receiver, echo, send, series, wait_for
+from .serve_node import Node, Receiver, echo, print_table, send, series, wait_for
 
 pytest.importorskip("pynetdicom")
 
@@ -42,11 +42,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def table():
     yield
-    if ROWS:
-        print("\n| " + " | ".join(COLUMNS) + " |")
-        print("|" + "---|" * len(COLUMNS))
-        for row in ROWS:
-            print("| " + " | ".join(str(v) for v in row) + " |")
+    print_table(COLUMNS, ROWS)
 
 
 @pytest.fixture

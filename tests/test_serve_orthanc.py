@@ -31,7 +31,7 @@ from espmed.serve.spool import Spool
 from espmed.serve.status import Status
 
 from .orthanc import MISSING, Https, Orthanc, civetweb_tls_libraries
-from .serve_node import Node, send, series, wait_for
+from .serve_node import Node, print_table, send, series, wait_for
 
 pytest.importorskip("pynetdicom")
 
@@ -52,11 +52,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def table():
     yield
-    if ROWS:
-        print("\n| " + " | ".join(COLUMNS) + " |")
-        print("|" + "---|" * len(COLUMNS))
-        for row in ROWS:
-            print("| " + " | ".join(str(v) for v in row) + " |")
+    print_table(COLUMNS, ROWS)
     if HTTPS_ROWS:
         print("\n| STOW-RS over https | outcome |\n|---|---|")
         for case, why in HTTPS_ROWS:

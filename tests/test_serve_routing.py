@@ -7,8 +7,6 @@ an MR series to another, a series no route takes neither segmented nor kept past
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,20 +117,6 @@ def models(tmp_path_factory):
     return paths["onnx"], paths["openvino"]  # two artifacts, two model hashes
 
 
-class RoutedNode(Node):
-    """`Node` without --model: the config file's [[route]] tables are the node's only routes."""
-
-    def start(self, *extra: str) -> Node:
-        log = self.spool.with_name(f"{self.spool.name}-{len(self.logs)}.log")
-        self.logs.append(log)
-        cmd = [sys.executable, "-c", "from espmed.cli import run; run()", "serve", "--spool", str(self.spool),
-               "--port", str(self.port), "--host", HOST, "--threads", "1", *self.args, *extra]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or "listening on" in log.read_text(), 120, "the node to start")
-        assert self.proc.poll() is None, log.read_text()[-3000:]
-        return self
-
-
 def test_two_routes_and_an_unrouted_series(models, tmp_path):
     ct_model, mr_model = models
     keep_s = 2.0
@@ -153,8 +137,8 @@ model = "{mr_model}"
 match = {{ Modality = "MR" }}
 """)
     receiver = Receiver().start()
-    node = RoutedNode(None, tmp_path / "spool", "--config", str(config), "--destination",
-                      f"DEST@{HOST}:{receiver.port}").start()
+    node = Node(None, tmp_path / "spool", "--config", str(config), "--destination",
+                f"DEST@{HOST}:{receiver.port}").start()
     ct, mr, scout = series(2), series(2, "MR_small.dcm"), series(2)
     for ds in ct:
         ds.SeriesDescription = "CHEST 5mm"

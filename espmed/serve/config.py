@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import ConfigError, EspmedError
 from .destinations import Destination, DicomWebDestination, check_ae_title, parse_destination
 from .routing import Route, parse_routes, resolve_model
+from .sender import check_dicomweb_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -231,11 +232,7 @@ def validate(config: NodeConfig) -> list[str]:
     if s.tls_ca and not s.tls_cert:
         raise EspmedError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
     _pair(s, "destination_cert", "destination_key")
-    _pair(s, "dicomweb_cert", "dicomweb_key")
-    if (s.dicomweb_username is None) != (s.dicomweb_password is None):
-        raise EspmedError("dicomweb_username and dicomweb_password go together")
-    if s.dicomweb_token is not None and s.dicomweb_username is not None:
-        raise EspmedError("dicomweb_token (bearer) and dicomweb_username/dicomweb_password (basic): give one")
+    check_dicomweb_settings(s)
     destinations = config.all_destinations
     if (s.destination_ca or s.destination_cert or s.destination_key) and not any(d.tls for d in destinations):
         raise EspmedError("--destination-ca/--destination-cert/--destination-key need a tls:// destination")

@@ -6,7 +6,8 @@ reads a PDU's declared length as given (`01 00 FF FF FF FF` buffers up to 4 GiB)
 a guard in front of it:
 
 - a connection that has not negotiated an association within `handshake_seconds` is closed,
-  whatever it has sent (the limits are `node.GuardLimits`);
+  whatever it has sent (the limits are `ServeConfig`'s handshake_seconds,
+  max_negotiating, max_negotiating_per_address, and `node.PRE_ASSOCIATION_PDU`);
 - connections not yet negotiated have their own cap (`unnegotiated`, all peers together) and a
   per-address cap (`per_address`); they do not count against `--max-associations`, which is then
   the number of negotiated associations only (`NodeAE`);

@@ -250,13 +250,9 @@ def _reason(exc: Exception) -> str:
     return first_line(exc, with_type=True)
 
 
-def dicomweb_session(config) -> requests.Session:
-    """The requests.Session for DICOMweb destinations, from the config file's dicomweb_* settings:
-    the server's certificate is always verified (against `dicomweb_ca`, else the system's CAs); a
-    client certificate; basic or bearer authentication. Nothing is taken from the environment
-    (proxies, .netrc, REQUESTS_CA_BUNDLE), so the config file says all there is."""
-    import requests
-
+def check_dicomweb_settings(config) -> tuple:
+    """The dicomweb_* settings (ca, cert, key, username, password, token) once they make sense
+    together: a certificate with its key, a user with a password, basic or bearer but not both."""
     ca, cert, key, username, password, token = (
         getattr(config, f"dicomweb_{name}", None) for name in ("ca", "cert", "key", "username", "password", "token")
     )
@@ -266,6 +262,17 @@ def dicomweb_session(config) -> requests.Session:
         raise EspmedError("dicomweb_username and dicomweb_password go together")
     if token and username is not None:
         raise EspmedError("dicomweb_token (bearer) and dicomweb_username/dicomweb_password (basic): give one")
+    return ca, cert, key, username, password, token
+
+
+def dicomweb_session(config) -> requests.Session:
+    """The requests.Session for DICOMweb destinations, from the config file's dicomweb_* settings:
+    the server's certificate is always verified (against `dicomweb_ca`, else the system's CAs); a
+    client certificate; basic or bearer authentication. Nothing is taken from the environment
+    (proxies, .netrc, REQUESTS_CA_BUNDLE), so the config file says all there is."""
+    import requests
+
+    ca, cert, key, username, password, token = check_dicomweb_settings(config)
     try:  # load them now: a wrong path or key is one error at start, not a failure per instance
         context = ssl.create_default_context(cafile=str(ca) if ca else None)
         if cert:
