@@ -66,10 +66,11 @@ def serve(*, config: Path | None, check: bool, status: bool, **flags) -> None:
         typer.echo(to_toml(node), nl=False)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # pynetdicom's per-association notes and errors, highdicom's per-attribute notes: the node
-    # logs one line per event itself.
+    # pynetdicom's per-association notes and errors, highdicom's per-attribute notes, dicomweb-client's
+    # per-request notes: the node logs one line per event itself.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    for name in ("highdicom", "dicomweb_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     run(node)
 
 
