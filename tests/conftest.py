@@ -19,6 +19,14 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """The tiny test model's ONNX artifact (tests/runtime_artifacts.py), built once per session."""
+    from .runtime_artifacts import build_artifacts
+
+    return build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _two_threads():
     import torch

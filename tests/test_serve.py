@@ -33,10 +33,8 @@ DELIVERY = 60
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from .runtime_artifacts import build_artifacts
-
-    return build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
+def model(tiny_onnx):
+    return tiny_onnx
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -43,10 +43,8 @@ needs_orthanc = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from .runtime_artifacts import build_artifacts
-
-    return build_artifacts(tmp_path_factory.getbasetemp() / "runtime-artifacts")["onnx"]
+def model(tiny_onnx):
+    return tiny_onnx
 
 
 @pytest.fixture(scope="module", autouse=True)
