@@ -22,6 +22,8 @@ from pathlib import Path
 
 import requests
 
+from espmed.serve.sender import dicomweb_session
+
 from .serve_node import HOST, free_port, wait_for
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -103,8 +105,8 @@ class Orthanc:
         self.proc: subprocess.Popen | None = None
         self.url = f"{'https' if https else 'http'}://{HOST}:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
-        self.http = requests.Session()  # this helper's REST calls
-        self.http.trust_env = False
+        # this helper's REST calls: the node's DICOMweb session (a stale kept-alive connection is retried)
+        self.http = dicomweb_session(None)
         if https:
             self.http.verify = str(https.ca)
             self.http.cert = tuple(str(p) for p in https.client) if https.client else None

@@ -14,7 +14,17 @@ from typer.testing import CliRunner
 
 from espmed.cli import app
 from espmed.errors import ConfigError, EspmedError
-from espmed.serve.config import MASK, NodeConfig, ServeConfig, flag_fields, load, to_toml, tomllib, validate
+from espmed.serve.config import (
+    MASK,
+    NodeConfig,
+    ServeConfig,
+    default_of,
+    flag_fields,
+    load,
+    to_toml,
+    tomllib,
+    validate,
+)
 from espmed.serve.destinations import DicomWebDestination
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +57,8 @@ def test_flags_are_generated_from_serve_config():
     by_name = {p.name: p for p in command.params}
     for f in flag_fields():
         param = by_name[f.name]
-        assert param.default is None and param.help.replace("\\[", "[") == f.metadata["help"]
+        assert param.help.replace("\\[", "[") == f.metadata["help"]
+        assert param.default == default_of(f)  # shown in --help as it is
     assert by_name["port"].type.min == 1 and by_name["port"].type.max == 65535
     assert {f.name for f in dataclasses.fields(ServeConfig)} - {f.name for f in flag_fields()} == {
         "dicomweb_ca", "dicomweb_cert", "dicomweb_key", "dicomweb_username", "dicomweb_password", "dicomweb_token"}

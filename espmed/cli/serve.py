@@ -1,8 +1,8 @@
 """`espmed serve`: run the DICOM node (espmed.serve), check its config, or print its status.
 
 The options are generated from `espmed.serve.config.ServeConfig`, the one definition of the
-node's settings: each flag defaults to None here so that a flag given on the command line can be
-told from one left out, which the `--config` file or the field's default then supplies.
+node's settings, with the field's default (shown in `--help`). Click says which flags were given on
+the command line (`Context.get_parameter_source`); only those override the `--config` file.
 """
 
 from __future__ import annotations
@@ -30,24 +30,24 @@ STATUS = typer.Option(False, "--status", help="Print the status of the node usin
 
 
 def _parameters() -> list[inspect.Parameter]:
-    """One keyword-only parameter per ServeConfig field that has a flag, then --config/--check/--status."""
-    params = []
+    """The Click context, then one keyword-only parameter per ServeConfig field that has a flag, then
+    --config/--check/--status."""
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     for f in flag_fields():
         kind = value_type(f)
         default = default_of(f)
-        shown = str(default) if default not in (None, []) else False
-        option = typer.Option(None, *flags_of(f), help=_plain(f.metadata["help"]), min=f.metadata["min"],
-                              max=f.metadata["max"], show_default=shown)
+        option = typer.Option(default, *flags_of(f), help=_plain(f.metadata["help"]), min=f.metadata["min"],
+                              max=f.metadata["max"], show_default=default not in (None, []))
         annotation = list[str] if kind is list else kind
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=annotation | None))
+                                        annotation=annotation | None if default is None else annotation))
     for name, option, annotation in (("config", CONFIG, Path | None), ("check", CHECK, bool),
                                      ("status", STATUS, bool)):
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 
 
-def serve(*, config: Path | None, check: bool, status: bool, **flags) -> None:
+def serve(ctx: typer.Context, *, config: Path | None, check: bool, status: bool, **flags) -> None:
     """Receive DICOM by C-STORE, route each complete series to a model, send a DICOM SEG to the destinations."""
     import logging
 
@@ -55,7 +55,9 @@ def serve(*, config: Path | None, check: bool, status: bool, **flags) -> None:
     from ..serve.config import load, to_toml, validate
     from ..serve.status import read_status
 
-    given = {name: value for name, value in flags.items() if value not in (None, [])}
+    # Click's ParameterSource (Typer vendors Click privately): COMMANDLINE, DEFAULT, ...
+    given = {name: value for name, value in flags.items()
+             if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     node = load(config, given)
     if status:
         typer.echo(json.dumps(read_status(node.serve.spool), indent=1))

@@ -280,8 +280,19 @@ def dicomweb_session(config) -> requests.Session:
     except (OSError, ssl.SSLError) as exc:
         given = ", ".join(str(p) for p in (ca, cert, key) if p)
         raise EspmedError(f"TLS to DICOMweb destinations: cannot load {given} ({exc})") from None
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry as ConnectionRetry
+
     session = requests.Session()
     session.trust_env = False
+    # A kept-alive connection the server closed meanwhile (Orthanc's web server drops idle ones
+    # within seconds) fails the next request before it is answered: try that request once more at
+    # once, on a new connection. Storing an instance twice is harmless (a held one counts as
+    # delivered); HTTP error statuses are not retried here (the sender's own Retry does that).
+    adapter = HTTPAdapter(max_retries=ConnectionRetry(total=1, connect=1, read=1, status=0, other=0,
+                                                      allowed_methods=None, raise_on_status=False))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     session.verify = str(ca) if ca else True
     if cert:
         session.cert = (str(cert), str(key))
